@@ -1,0 +1,43 @@
+# `make run`: set up and train the default VAE.  `make test`: set up and run the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PYTEST_ARGS ?=
+
+.PHONY: run test test-slow test-stat-sweep lint data setup clean
+
+setup: $(STAMP)
+
+# pip resolves torch and torchvision together from the registry (the CPU-only torch wheel
+# cannot load torchvision's compiled ops); the stamp is redone when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Genuine Fashion-MNIST from Debian when we are root with apt-get; otherwise ppl-vae falls back
+# to --data.data-dir or torchvision's download.
+data:
+	@if [ -f $(DEBIAN_DATA) ]; then echo "Fashion-MNIST: $(dir $(DEBIAN_DATA))"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+		|| echo "apt-get could not install dataset-fashion-mnist; torchvision will download it"; \
+	else echo "not root or no apt-get: Fashion-MNIST comes from --data.data-dir or a download"; fi
+
+run: setup data
+	$(BIN)/ppl-vae train
+
+test: setup data lint
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup data
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check ppl_vae tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

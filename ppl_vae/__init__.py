@@ -1,0 +1,26 @@
+"""ppl_vae: autoencoders (AE, VAE, VQ-VAE) written as Pyro probabilistic programs."""
+
+from ppl_vae.config import DataConfig, EvalConfig, ObjectiveConfig, RunConfig, TrainConfig
+from ppl_vae.evaluate import evaluate_run, log_likelihood, neg_elbo
+from ppl_vae.models import REGISTRY, VAE, VAEConfig, build
+from ppl_vae.objectives import log_weights, loss_module, make_elbo
+from ppl_vae.train import fit
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "ObjectiveConfig",
+    "RunConfig",
+    "TrainConfig",
+    "REGISTRY",
+    "VAE",
+    "VAEConfig",
+    "build",
+    "evaluate_run",
+    "fit",
+    "log_likelihood",
+    "log_weights",
+    "loss_module",
+    "make_elbo",
+    "neg_elbo",
+]

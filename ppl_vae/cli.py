@@ -1,0 +1,321 @@
+"""``ppl-vae``: parsing only. Flags are generated from the config dataclasses in
+:mod:`ppl_vae.config` (``--train.epochs``, ``--model.z-dim``, ...), with their attribute
+docstrings as help. A user error prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import sys
+import textwrap
+import types
+import typing
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ppl_vae import models
+from ppl_vae.config import PRESETS, EvalConfig, RunConfig, preset, with_model
+from ppl_vae.errors import UserError
+
+PROG = "ppl-vae"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``ppl-vae train: error: ... (see --help)``, exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ----------------------------------------------------------------------------- dataclass → flags
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (a string literal right below a field) of ``cls`` and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _argument_spec(tp: Any) -> dict[str, Any]:
+    """argparse keyword arguments for a field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _argument_spec(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        return {"choices": choices, "type": type(choices[0])}
+    if origin is tuple:
+        return {"nargs": "+", "type": typing.get_args(tp)[0], "metavar": "N"}
+    if tp is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": tp, "metavar": tp.__name__.upper()}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, default: Any, prefix: str = "") -> None:
+    """One flag per leaf field of the dataclass instance ``default`` (nested ones get a prefix)."""
+    cls = type(default)
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    group = parser.add_argument_group(f"{prefix.rstrip('.') or 'run'} options")
+    for f in dataclasses.fields(cls):
+        value = getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            add_config_flags(parser, value, f"{prefix}{f.name}.")
+            continue
+        shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        group.add_argument(
+            f"--{prefix}{f.name}".replace("_", "-"),
+            dest=f"{prefix}{f.name}",
+            default=argparse.SUPPRESS,
+            help=f"{docs.get(f.name, '')} (default: {shown})",
+            **_argument_spec(hints[f.name]),
+        )
+
+
+def apply_flags(default: Any, flags: dict[str, Any]) -> Any:
+    """``default`` with the dotted ``flags`` (``{"train.epochs": 3}``) replaced, validated anew."""
+    changes: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flags.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            changes[head] = tuple(value) if isinstance(value, list) else value
+    for head, sub in nested.items():
+        changes[head] = apply_flags(getattr(default, head), sub)
+    return replace(default, **changes) if changes else default
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(argv: list[str]) -> int:
+    kinds = list(models.REGISTRY)
+    # The flags depend on the preset and the model kind, so find those two first; the full
+    # parser below then checks every argument, these two included.
+    kind = next((a for a in argv if a in kinds), None)
+    preset_name = _flag_value(argv, "--preset") or "default"
+    base = preset(preset_name) if preset_name in PRESETS else RunConfig()
+    if kind:
+        base = with_model(base, kind)
+
+    parser = Parser(
+        prog=f"{PROG} train",
+        description="Train a model with SVI and write its run folder "
+        "(config.json, metrics.csv, checkpoint.pt, figures, eval.json, report.md).",
+        epilog="Example: ppl-vae train vae --model.z-dim 16 --train.epochs 5 --objective meanfield",
+    )
+    parser.add_argument(
+        "kind", nargs="?", choices=kinds, help=f"model to train (default: {base.model.kind})"
+    )
+    parser.add_argument(
+        "--preset",
+        default="default",
+        choices=list(PRESETS),
+        help="named defaults that the other flags then override (default: default)",
+    )
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue a run from its last finished epoch with its saved config "
+        "(only --train.epochs may change)",
+    )
+    parser.add_argument(
+        "--objective",
+        dest="objective.name",
+        default=argparse.SUPPRESS,
+        choices=typing.get_args(typing.get_type_hints(type(base.objective))["name"]),
+        help="shorthand for --objective.name",
+    )
+    add_config_flags(parser, base)
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if "." in k or k in _RUN_KEYS}
+    from ppl_vae import evaluate, report, train
+
+    if args.resume is not None:
+        extra = set(flags) - {"train.epochs"}
+        if extra:
+            parser.error(f"--resume uses the saved config; drop {', '.join(sorted(extra))}")
+        run_dir = train.fit(resume=args.resume, epochs=flags.get("train.epochs"))
+    else:
+        cfg = apply_flags(base, flags)
+        run_dir = train.fit(cfg)
+    results = evaluate.evaluate_run(run_dir, device=_train_device(run_dir))
+    report.build_report(run_dir, device=_train_device(run_dir))
+    print(f"run folder: {run_dir}")
+    _print_results(results)
+    return 0
+
+
+_RUN_KEYS = {"name", "runs_dir"}
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    """The value given to ``flag`` (``--flag V`` or ``--flag=V``), or None."""
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _train_device(run_dir: Path) -> str:
+    from ppl_vae import runs
+
+    return runs.read_config(run_dir).train.device
+
+
+def _print_results(results: dict[str, Any]) -> None:
+    print(
+        f"{results['split']} -ELBO {results['neg_elbo']:.2f} nats/image "
+        f"(meanfield {results['neg_elbo_meanfield']:.2f}); "
+        f"importance-sampled -log p(x) {results['nll_is']:.2f} ± {results['nll_is_stderr']:.2f} "
+        f"nats/image (k={results['k']}), {results['bits_per_dim']:.4f} bits/dim"
+    )
+
+
+def cmd_evaluate(argv: list[str]) -> int:
+    parser = Parser(
+        prog=f"{PROG} evaluate",
+        description="Evaluate a run folder: -ELBO and importance-sampled -log p(x) on the test "
+        "set, written to RUN_DIR/eval.json.",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by train")
+    parser.add_argument("--split", choices=["test", "val"], default="test", help="(default: test)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)"
+    )
+    defaults = EvalConfig()
+    docs = field_docs(EvalConfig)
+    for f in dataclasses.fields(EvalConfig):
+        parser.add_argument(
+            f"--{f.name}".replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"{docs[f.name]} (default: the run's, else {getattr(defaults, f.name)})",
+        )
+    args = parser.parse_args(argv)
+    from ppl_vae import evaluate, runs
+
+    saved = runs.read_config(args.run_dir).eval
+    eval_cfg = replace(
+        saved,
+        **{
+            f.name: getattr(args, f.name)
+            for f in dataclasses.fields(EvalConfig)
+            if getattr(args, f.name)
+        },
+    )
+    results = evaluate.evaluate_run(args.run_dir, eval_cfg, split=args.split, device=args.device)
+    _print_results(results)
+    print(f"written: {Path(args.run_dir) / evaluate.EVAL_JSON}")
+    return 0
+
+
+def cmd_sample(argv: list[str]) -> int:
+    parser = Parser(
+        prog=f"{PROG} sample",
+        description="Draw z ~ p(z) and save the mean images of p(x|z) as one PNG grid.",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by train")
+    parser.add_argument("-n", type=int, default=64, help="number of samples (default: 64)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("samples.png"),
+        help="PNG to write (default: samples.png)",
+    )
+    parser.add_argument("--nrow", type=int, default=8, help="images per grid row (default: 8)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)"
+    )
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"argument -n: must be a positive integer (got {args.n})")
+    if not args.output.parent.is_dir():
+        parser.error(f"argument -o: folder {args.output.parent} does not exist")
+    import torch
+
+    from ppl_vae import data, plots, runs
+
+    cfg, model, _ = runs.load_model(args.run_dir, data.resolve_device(args.device))
+    torch.manual_seed(args.seed)
+    plots.samples_figure(model, args.output, data.IMAGE_SHAPE[cfg.data.dataset], args.n, args.nrow)
+    print(f"written: {args.output}")
+    return 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    parser = Parser(
+        prog=f"{PROG} report",
+        description="Draw the figures of a run folder and assemble RUN_DIR/report.md.",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by train")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)"
+    )
+    args = parser.parse_args(argv)
+    from ppl_vae import report
+
+    print(f"written: {report.build_report(args.run_dir, device=args.device)}")
+    return 0
+
+
+COMMANDS = {
+    "train": (cmd_train, "train a model with SVI and write its run folder"),
+    "evaluate": (cmd_evaluate, "test -ELBO and importance-sampled log p(x) of a run folder"),
+    "sample": (cmd_sample, "save a grid of prior samples of a run folder"),
+    "report": (cmd_report, "draw the figures and write report.md of a run folder"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = [f"usage: {PROG} COMMAND [options]   ({PROG} COMMAND --help for each)", ""]
+        lines += [f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items()]
+        if argv and argv[0] not in ("-h", "--help"):
+            print(
+                f"{PROG}: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}",
+                file=sys.stderr,
+            )
+            return 2
+        print("\n".join(lines))
+        return 0 if argv else 2
+    try:
+        return COMMANDS[argv[0]][0](argv[1:])
+    except UserError as err:
+        print(f"{PROG} {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {argv[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

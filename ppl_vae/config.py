@@ -1,0 +1,181 @@
+"""Run configuration: frozen dataclasses that hold every default exactly once.
+
+A run is described by a :class:`RunConfig`; its ``model`` field holds the config of one
+registered model (see :mod:`ppl_vae.models`). The CLI flags are generated from these classes
+(``--train.epochs``, ``--model.z-dim``, ...), their attribute docstrings are the ``--help`` text,
+and ``config.json`` in every run folder is :func:`to_dict` of the config the run used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from ppl_vae.errors import ConfigError, check
+from ppl_vae.models import ModelConfig, VAEConfig, config_class
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
+    """Which dataset to train on."""
+    data_dir: Path | None = None
+    """Folder with the four IDX files (.gz or not); default: Debian's copy, else a download."""
+    binarization: Literal["dynamic", "static", "none"] = "dynamic"
+    """dynamic: a fresh Bernoulli draw per batch; static: one fixed draw; none: intensities."""
+    train_subset: int = 0
+    """Train on the first N training images only (0 = all 50,000)."""
+
+    def __post_init__(self) -> None:
+        check(self.train_subset >= 0, "--data.train-subset", ">= 0", self.train_subset)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    """Passes over the training set."""
+    batch_size: int = 128
+    """Images per SVI step."""
+    lr: float = 1e-3
+    """Adam learning rate (the first stage's rate under the burda schedule)."""
+    lr_schedule: Literal["constant", "burda"] = "constant"
+    """burda: 8 stages of 3^i epochs at lr·10^(-i/7), i = 0..7 (Burda et al. 2015)."""
+    adam_eps: float = 1e-8
+    """Adam's epsilon."""
+    seed: int = 0
+    """Seeds torch, Pyro and the batch order."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto picks cuda when available."""
+    progress: bool = True
+    """Show progress bars (they stay quiet when output is not a terminal)."""
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "--train.epochs", "a positive integer", self.epochs)
+        check(self.batch_size >= 1, "--train.batch-size", "a positive integer", self.batch_size)
+        check(self.lr > 0, "--train.lr", "positive", self.lr)
+        check(self.adam_eps > 0, "--train.adam-eps", "positive", self.adam_eps)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: Literal["trace", "meanfield"] = "trace"
+    """trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL)."""
+    num_particles: int = 1
+    """Samples of z per datapoint in each ELBO estimate (vectorized)."""
+
+    def __post_init__(self) -> None:
+        check(self.num_particles >= 1, "--objective.num-particles", ">= 1", self.num_particles)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    k: int = 1000
+    """Importance samples per test image for the log p(x) estimate."""
+    batch_size: int = 500
+    """Test images per evaluation batch."""
+    particle_chunk: int = 100
+    """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats."""
+
+    def __post_init__(self) -> None:
+        check(self.k >= 1, "--eval.k", "a positive integer", self.k)
+        check(self.batch_size >= 1, "--eval.batch-size", "a positive integer", self.batch_size)
+        check(self.particle_chunk >= 1, "--eval.particle-chunk", ">= 1", self.particle_chunk)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str | None = None
+    """Run folder name under --runs-dir (default: <model>-<date>-<time>)."""
+    runs_dir: Path = Path("runs")
+    """Where run folders are written."""
+    model: ModelConfig = field(default_factory=VAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def burda_epochs(stages: int = 8) -> int:
+    return sum(3**i for i in range(stages))
+
+
+PRESETS: dict[str, RunConfig] = {
+    "default": RunConfig(),
+    # Pyro's examples/vae/vae.py: 784-400-50 softplus, batch 256, Adam 1e-3, 101 epochs.
+    "pyro-example": RunConfig(
+        model=VAEConfig(z_dim=50, hidden=(400,), activation="softplus"),
+        train=TrainConfig(epochs=101, batch_size=256, lr=1e-3),
+    ),
+    # Burda, Grosse & Salakhutdinov (2015), one stochastic layer: 784-200-200-50 tanh, batch 20,
+    # Adam(eps=1e-4) with 8 stages of 3^i epochs at 1e-3·10^(-i/7): 3280 epochs in all.
+    "burda-1l": RunConfig(
+        model=VAEConfig(z_dim=50, hidden=(200, 200), activation="tanh"),
+        train=TrainConfig(
+            epochs=burda_epochs(), batch_size=20, lr=1e-3, lr_schedule="burda", adam_eps=1e-4
+        ),
+    ),
+}
+
+
+def preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r} is unknown; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def with_model(cfg: RunConfig, kind: str) -> RunConfig:
+    """``cfg`` with its model switched to ``kind`` (kept as is when it is already that kind)."""
+    return cfg if cfg.model.kind == kind else replace(cfg, model=config_class(kind)())
+
+
+# ----------------------------------------------------------------------------- (de)serialization
+
+
+def to_dict(cfg: Any) -> Any:
+    """A JSON-ready dict of a config; model configs carry their ``kind``."""
+    if dataclasses.is_dataclass(cfg):
+        out = {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+        if isinstance(cfg, ModelConfig):
+            out = {"kind": cfg.kind, **out}
+        return out
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config written by :func:`to_dict`; unknown keys are an error."""
+    if issubclass(cls, ModelConfig):
+        data = dict(data)
+        cls = config_class(data.pop("kind", cls.kind))
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(tp, value)
+    if origin is tuple:
+        (item, *_) = typing.get_args(tp)
+        return tuple(_coerce(item, v) for v in value)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if tp is Path:
+        return Path(value)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    return value

@@ -1,0 +1,35 @@
+"""The model registry: one entry per model file. The CLI and the parametrized tests read it.
+
+Adding a variant: write ``models/<name>.py`` with its config (a frozen dataclass deriving from
+:class:`ModelConfig` with a ``kind``) and its module, then add one line to :data:`REGISTRY`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ppl_vae.errors import ConfigError
+from ppl_vae.models.base import LatentVariableModel, ModelConfig
+from ppl_vae.models.vae import VAE, VAEConfig
+
+REGISTRY: dict[str, tuple[type[ModelConfig], type[LatentVariableModel]]] = {
+    VAEConfig.kind: (VAEConfig, VAE),
+}
+
+
+def config_class(kind: str) -> type[ModelConfig]:
+    if kind not in REGISTRY:
+        raise ConfigError(f"unknown model {kind!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[kind][0]
+
+
+def build(config: ModelConfig) -> LatentVariableModel:
+    """Construct the module registered for ``config``'s kind."""
+    return REGISTRY[config.kind][1](config)
+
+
+def default_config(kind: str, **overrides: Any) -> ModelConfig:
+    return config_class(kind)(**overrides)
+
+
+__all__ = ["REGISTRY", "VAE", "VAEConfig", "LatentVariableModel", "ModelConfig", "build"]

@@ -1,0 +1,65 @@
+"""The protocol every model shares: ``model(x)``, ``guide(x)`` and the helpers built on them.
+
+A model is a :class:`~pyro.nn.PyroModule` whose ``model`` and ``guide`` take the same flat batch
+``x`` of shape ``(B, D)`` and use the same names: the plate ``"data"``, the latent site ``"z"``
+and the observed site ``"x"``. Both may be run under an extra, outer particle plate (vectorized
+ELBOs and importance sampling do this), so neither assumes ``z`` has exactly two dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pyro.nn import PyroModule
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Base of every model's config. ``kind`` is the registry name (``ppl-vae train KIND``)."""
+
+    kind: ClassVar[str] = ""
+
+
+class LatentVariableModel(PyroModule):
+    """Shared interface: generative ``model``, amortized ``guide``, and deterministic helpers.
+
+    Subclasses set ``self.config`` and implement :meth:`model`, :meth:`guide`, :meth:`encode`
+    (the guide's point estimate of ``z``), :meth:`decode` (the likelihood's mean image) and
+    :meth:`prior_sample`.
+    """
+
+    config: ModelConfig
+
+    def model(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def guide(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """A point summary of q(z|x): the mean for Gaussian guides, the code for AEs."""
+        raise NotImplementedError
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x|z), shaped like the flat input (pixel intensities in [0, 1])."""
+        raise NotImplementedError
+
+    def prior_sample(self, n: int) -> torch.Tensor:
+        """``n`` draws of z from p(z) on the model's device."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean of p(x | z = encode(x)): the deterministic reconstruction."""
+        return self.decode(self.encode(x))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """Mean images of p(x|z) for ``n`` prior draws z ~ p(z)."""
+        return self.decode(self.prior_sample(n))

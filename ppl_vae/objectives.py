@@ -1,0 +1,74 @@
+"""Objective configs → Pyro ELBOs, and per-datapoint log importance weights from Pyro traces.
+
+Every objective works on the same model/guide pair. :func:`loss_module` returns Pyro's module
+form of the ELBO (``elbo(model.model, model.guide)`` is an ``nn.Module`` whose forward is the
+differentiable loss, summed over the ``"data"`` plate), which :func:`ppl_vae.train.fit` drives
+with a torch optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+
+from ppl_vae.config import ObjectiveConfig
+
+MAX_PLATE_NESTING = 1  # models have one plate, "data"; particle plates go to its left
+
+ELBOS: dict[str, type[ELBO]] = {
+    "trace": Trace_ELBO,
+    "meanfield": TraceMeanField_ELBO,
+}
+
+
+def make_elbo(cfg: ObjectiveConfig) -> ELBO:
+    """The Pyro ELBO named by ``cfg.name``, vectorizing particles when there is more than one."""
+    return ELBOS[cfg.name](
+        num_particles=cfg.num_particles,
+        vectorize_particles=cfg.num_particles > 1,
+        max_plate_nesting=MAX_PLATE_NESTING,
+    )
+
+
+def loss_module(model, cfg: ObjectiveConfig) -> torch.nn.Module:
+    """``elbo(model.model, model.guide)``: an ``nn.Module`` giving -ELBO summed over the batch."""
+    return make_elbo(cfg)(model.model, model.guide)
+
+
+def log_weights(
+    model_fn: Callable, guide_fn: Callable, x: torch.Tensor, num_particles: int
+) -> torch.Tensor:
+    """log p(x, z) - log q(z|x) for ``num_particles`` draws z ~ q(z|x), one per datapoint.
+
+    Runs the guide and the model (replayed on the guide's draws) under a particle plate to the
+    left of ``"data"`` and sums each site's log density, keeping the plate dimensions. Returns a
+    ``(num_particles, B)`` tensor: the importance weights of every datapoint, not pooled over the
+    batch.
+    """
+
+    def particles(fn: Callable) -> Callable:
+        def wrapped(*args):
+            with pyro.plate("particles", num_particles, dim=-(MAX_PLATE_NESTING + 1)):
+                return fn(*args)
+
+        return wrapped
+
+    guide_trace = poutine.trace(particles(guide_fn)).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(particles(model_fn), trace=guide_trace)).get_trace(x)
+    log_w = x.new_zeros(num_particles, x.shape[0])
+    for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
+        trace.compute_log_prob()
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and (sign > 0 or not site["is_observed"]):
+                log_w = log_w + sign * site["log_prob"]
+    return log_w
+
+
+def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """log (1/K) Σ_k exp(log_w_k) along ``dim``, computed stably."""
+    return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])

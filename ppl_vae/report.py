@@ -1,0 +1,111 @@
+"""``report.md``: one file with a run's numbers and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ppl_vae import data, plots, runs
+from ppl_vae.config import to_dict
+from ppl_vae.evaluate import EVAL_JSON
+
+REPORT = "report.md"
+
+
+def write_figures(run_dir: Path, model, dataset: data.Dataset, binarization: str, seed: int = 0):
+    """samples.png, reconstructions.png and curves.png in ``run_dir`` (fixed seed, test images)."""
+    shape = data.IMAGE_SHAPE[dataset.name]
+    torch.manual_seed(seed)
+    plots.samples_figure(model, run_dir / plots.SAMPLES, shape)
+    x = data.eval_inputs(dataset.test, binarization)[:32]
+    plots.reconstructions_figure(model, x, run_dir / plots.RECONSTRUCTIONS, shape)
+    metrics = runs.read_metrics(run_dir)
+    if metrics:
+        plots.curves_figure(metrics, run_dir / plots.CURVES)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Assemble ``report.md`` from config.json, metrics.csv, eval.json and the figures."""
+    run_dir = Path(run_dir)
+    cfg = runs.read_config(run_dir)
+    metrics = runs.read_metrics(run_dir)
+    lines = [f"# Run `{run_dir.name}`", ""]
+    lines += [
+        f"Model **{cfg.model.kind}** on **{cfg.data.dataset}** "
+        f"({cfg.data.binarization} binarization), objective **{cfg.objective.name}** "
+        f"with {cfg.objective.num_particles} particle(s); {len(metrics)} epoch(s) of batch "
+        f"{cfg.train.batch_size}, Adam lr {cfg.train.lr:g} ({cfg.train.lr_schedule}), "
+        f"seed {cfg.train.seed}.",
+        "",
+    ]
+    eval_path = run_dir / EVAL_JSON
+    if eval_path.exists():
+        ev = json.loads(eval_path.read_text())
+        lines += [
+            f"## Results on the {ev['split']} set ({ev['images']} images)",
+            "",
+            "| quantity | value |",
+            "|---|---|",
+            f"| -ELBO, Trace_ELBO (nats/image) | {ev['neg_elbo']:.2f} |",
+            f"| -ELBO, TraceMeanField_ELBO (nats/image) | {ev['neg_elbo_meanfield']:.2f} |",
+            f"| -log p(x), importance sampled, k = {ev['k']} (nats/image) "
+            f"| {ev['nll_is']:.2f} ± {ev['nll_is_stderr']:.2f} |",
+            f"| bits/dim | {ev['bits_per_dim']:.4f} |",
+            "",
+            "The ± is the standard error over test images. -ELBO ≥ -log p(x) estimate: the "
+            "importance-sampled bound is the tighter one.",
+            "",
+        ]
+    if metrics:
+        total = sum(r["seconds"] for r in metrics)
+        lines += [
+            "## Training",
+            "",
+            f"{total:.0f} s of training, {metrics[-1]['images_per_s']:.0f} images/s in the "
+            "last epoch.",
+            "",
+            "![curves](curves.png)",
+            "",
+            "| epoch | train -ELBO | val -ELBO | lr | seconds |",
+            "|---|---|---|---|---|",
+        ]
+        shown = metrics if len(metrics) <= 12 else metrics[:3] + metrics[-9:]
+        for r in shown:
+            lines.append(
+                f"| {int(r['epoch'])} | {r['train_neg_elbo']:.2f} | {r['val_neg_elbo']:.2f} "
+                f"| {r['lr']:.2g} | {r['seconds']:.1f} |"
+            )
+        lines.append("")
+    lines += [
+        "## Figures",
+        "",
+        "Prior samples (mean of p(x|z), z ~ p(z)):",
+        "",
+        f"![samples]({plots.SAMPLES})",
+        "",
+        "Test images (upper rows) and their reconstructions (lower rows):",
+        "",
+        f"![reconstructions]({plots.RECONSTRUCTIONS})",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(to_dict(cfg), indent=2),
+        "```",
+        "",
+    ]
+    path = run_dir / REPORT
+    path.write_text("\n".join(lines))
+    return path
+
+
+@torch.no_grad()
+def build_report(run_dir: Path, device: str = "auto", dataset: data.Dataset | None = None) -> Path:
+    """Figures and report.md for a finished run folder."""
+    torch_device = data.resolve_device(device)
+    cfg, model, _ = runs.load_model(run_dir, torch_device)
+    dataset = dataset or data.load(cfg.data, torch_device)
+    write_figures(Path(run_dir), model, dataset, cfg.data.binarization, cfg.train.seed)
+    return write_report(run_dir)

@@ -1,0 +1,157 @@
+"""``fit()``: the one SVI training loop.
+
+The loss is Pyro's module form of the ELBO (``elbo(model.model, model.guide)``), optimized by
+``torch.optim.Adam`` over the model's parameters, as in Pyro's ``examples/svi_torch.py``. Batches
+are slices of a device-resident uint8 tensor; the loss is read back to the host once per epoch,
+not per step. After every epoch the validation -ELBO is measured (under ``torch.no_grad``: no
+parameter or optimizer state changes), a row goes to ``metrics.csv`` and the checkpoint is
+replaced atomically, so ``--resume RUN_DIR`` continues from the last finished epoch.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from ppl_vae import data, runs
+from ppl_vae.config import RunConfig, TrainConfig, to_dict
+from ppl_vae.evaluate import neg_elbo
+from ppl_vae.models import build
+from ppl_vae.objectives import loss_module
+
+BURDA_STAGES = 8
+
+
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate for 0-based ``epoch``; under ``burda`` stage i lasts 3^i epochs."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    stage, end = 0, 1
+    while epoch >= end and stage < BURDA_STAGES - 1:
+        stage += 1
+        end += 3**stage
+    return cfg.lr * 10 ** (-stage / 7)
+
+
+def seed_everything(seed: int) -> None:
+    pyro.set_rng_seed(seed)  # python random, numpy and torch (all devices)
+
+
+def rng_state(batch_order: torch.Generator) -> dict:
+    """The random streams training draws from: torch (sampling, binarization), batch order."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "batch_order": batch_order.get_state(),
+    }
+
+
+def set_rng_state(state: dict, batch_order: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    batch_order.set_state(state["batch_order"].cpu())
+
+
+def fit(
+    cfg: RunConfig | None = None,
+    *,
+    resume: Path | None = None,
+    epochs: int | None = None,
+    dataset: data.Dataset | None = None,
+) -> Path:
+    """Train a model with SVI and return its run folder.
+
+    :param cfg: the run to start; ignored when ``resume`` is given.
+    :param resume: a run folder to continue from its last finished epoch, with its saved config.
+    :param epochs: when resuming, a new total number of epochs (default: the saved one).
+    :param dataset: an already loaded dataset on the right device (tests and notebooks reuse one).
+    """
+    if resume is not None:
+        run_dir = Path(resume)
+        cfg = runs.read_config(run_dir)
+        if epochs is not None:
+            cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
+            runs.write_config(run_dir, cfg)
+    else:
+        cfg = cfg or RunConfig()
+        run_dir = runs.new_run_dir(cfg)
+    device = data.resolve_device(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    dataset = dataset or data.load(cfg.data, device)
+
+    model = build(cfg.model).to(device)
+    loss_fn = loss_module(model, cfg.objective)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
+    batch_order = torch.Generator().manual_seed(cfg.train.seed)
+    start_epoch, step = 0, 0
+    if resume is not None:
+        checkpoint = runs.load_checkpoint(run_dir, device)
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
+        set_rng_state(checkpoint["rng"], batch_order)
+        runs.truncate_metrics(run_dir, start_epoch)
+
+    source, mode = data.train_source(dataset.train, cfg.data.binarization)
+    val_inputs = data.eval_inputs(dataset.val, cfg.data.binarization)
+    n_train = source.shape[0]
+    steps_per_epoch = data.num_batches(n_train, cfg.train.batch_size)
+    show = None if cfg.train.progress else True  # None: tqdm hides itself off a terminal
+    for epoch in range(start_epoch, cfg.train.epochs):
+        lr = learning_rate(cfg.train, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        started = time.perf_counter()
+        total = torch.zeros((), device=device)
+        bar = tqdm(
+            data.batches(source, cfg.train.batch_size, batch_order),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+            disable=show,
+            leave=False,
+        )
+        for images in bar:
+            x = data.to_input(images, mode)
+            loss = loss_fn(x)
+            (loss / x.shape[0]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.detach()
+            step += 1
+        train_loss = total.item() / n_train  # the one host sync of the epoch
+        seconds = time.perf_counter() - started
+        model.eval()
+        val_loss = neg_elbo(model, val_inputs, cfg.objective, cfg.eval.batch_size)
+        row = {
+            "epoch": epoch + 1,
+            "train_neg_elbo": round(train_loss, 4),
+            "val_neg_elbo": round(val_loss, 4),
+            "lr": lr,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(n_train / seconds, 1),
+        }
+        runs.append_metrics(run_dir, row)
+        runs.save_checkpoint(
+            run_dir,
+            {
+                "config": to_dict(cfg),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "step": step,
+                "rng": rng_state(batch_order),
+            },
+        )
+        if cfg.train.progress:
+            tqdm.write(
+                f"epoch {epoch + 1:>4}  train -ELBO {train_loss:9.3f}  val -ELBO {val_loss:9.3f}"
+                f"  {seconds:6.1f}s  {n_train / seconds:8.0f} img/s"
+            )
+    return run_dir
