@@ -50,3 +50,23 @@ def fake_data_dir(tmp_path: Path) -> Path:
 def fashion() -> data.Dataset:
     """Real Fashion-MNIST on the CPU (Debian copy, else torchvision's download)."""
     return data.load(DataConfig(), "cpu")
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: float = 300):
+    """Run ``ppl-vae ARGS`` in a subprocess (this checkout's code, progress bars off)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "ppl_vae.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
