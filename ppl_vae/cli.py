@@ -189,12 +189,9 @@ def _train_device(run_dir: Path) -> str:
 
 
 def _print_results(results: dict[str, Any]) -> None:
-    print(
-        f"{results['split']} -ELBO {results['neg_elbo']:.2f} nats/image "
-        f"(meanfield {results['neg_elbo_meanfield']:.2f}); "
-        f"importance-sampled -log p(x) {results['nll_is']:.2f} ± {results['nll_is_stderr']:.2f} "
-        f"nats/image (k={results['k']}), {results['bits_per_dim']:.4f} bits/dim"
-    )
+    from ppl_vae.evaluate import format_results
+
+    print("\n".join(format_results(results)))
 
 
 def cmd_evaluate(argv: list[str]) -> int:

@@ -98,6 +98,9 @@ class RunConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        self.model.check_data(self.data.binarization)  # e.g. Bernoulli needs binarized pixels
+
 
 def burda_epochs(stages: int = 8) -> int:
     return sum(3**i for i in range(stages))

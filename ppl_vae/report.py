@@ -9,9 +9,10 @@ import torch
 
 from ppl_vae import data, plots, runs
 from ppl_vae.config import to_dict
-from ppl_vae.evaluate import EVAL_JSON
+from ppl_vae.evaluate import EVAL_JSON, LABELS
 
 REPORT = "report.md"
+COMMON_METRICS = ("epoch", "train_neg_elbo", "val_neg_elbo", "lr", "seconds", "images_per_s")
 
 
 def write_figures(run_dir: Path, model, dataset: data.Dataset, binarization: str, seed: int = 0):
@@ -48,18 +49,27 @@ def write_report(run_dir: Path) -> Path:
             "",
             "| quantity | value |",
             "|---|---|",
-            f"| -ELBO, Trace_ELBO (nats/image) | {ev['neg_elbo']:.2f} |",
-            f"| -ELBO, TraceMeanField_ELBO (nats/image) | {ev['neg_elbo_meanfield']:.2f} |",
-            f"| -log p(x), importance sampled, k = {ev['k']} (nats/image) "
-            f"| {ev['nll_is']:.2f} ± {ev['nll_is_stderr']:.2f} |",
-            f"| bits/dim | {ev['bits_per_dim']:.4f} |",
-            "",
-            "The ± is the standard error over test images. -ELBO ≥ -log p(x) estimate: the "
-            "importance-sampled bound is the tighter one.",
-            "",
         ]
+        for key, label in LABELS.items():
+            if key in ev:
+                value = f"{ev[key]:.4g}"
+                if key == "nll_is":
+                    label = f"{label}, k = {ev['k']}"
+                    value = f"{ev[key]:.2f} ± {ev['nll_is_stderr']:.2f}"
+                lines.append(f"| {label} | {value} |")
+        lines.append("")
+        if "nll_is" in ev:
+            lines += [
+                "The ± is the standard error over test images. -ELBO ≥ -log p(x) estimate: the "
+                "importance-sampled bound is the tighter one.",
+                "",
+            ]
+        lines += [f"Note: {note}." for note in ev.get("notes", [])]
+        lines.append("")
     if metrics:
         total = sum(r["seconds"] for r in metrics)
+        # model-specific columns (codebook perplexity, KL weight, ...) follow the common ones
+        extra = [k for k in metrics[0] if k not in COMMON_METRICS]
         lines += [
             "## Training",
             "",
@@ -68,14 +78,15 @@ def write_report(run_dir: Path) -> Path:
             "",
             "![curves](curves.png)",
             "",
-            "| epoch | train -ELBO | val -ELBO | lr | seconds |",
-            "|---|---|---|---|---|",
+            "| epoch | train -ELBO | val -ELBO | lr | seconds |"
+            + "".join(f" {k} |" for k in extra),
+            "|---|---|---|---|---|" + "---|" * len(extra),
         ]
         shown = metrics if len(metrics) <= 12 else metrics[:3] + metrics[-9:]
         for r in shown:
             lines.append(
                 f"| {int(r['epoch'])} | {r['train_neg_elbo']:.2f} | {r['val_neg_elbo']:.2f} "
-                f"| {r['lr']:.2g} | {r['seconds']:.1f} |"
+                f"| {r['lr']:.2g} | {r['seconds']:.1f} |" + "".join(f" {r[k]:.4g} |" for k in extra)
             )
         lines.append("")
     lines += [

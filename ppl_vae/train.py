@@ -119,6 +119,7 @@ def fit(
         )
         for images in bar:
             x = data.to_input(images, mode)
+            model.on_train_step(step)  # step-dependent schedules (KL warm-up), code revival
             loss = loss_fn(x)
             (loss / x.shape[0]).backward()
             optimizer.step()
@@ -136,6 +137,7 @@ def fit(
             "lr": lr,
             "seconds": round(seconds, 3),
             "images_per_s": round(n_train / seconds, 1),
+            **model.epoch_metrics(),  # model-specific columns (codebook usage, KL weight)
         }
         runs.append_metrics(run_dir, row)
         runs.save_checkpoint(
@@ -154,4 +156,16 @@ def fit(
                 f"epoch {epoch + 1:>4}  train -ELBO {train_loss:9.3f}  val -ELBO {val_loss:9.3f}"
                 f"  {seconds:6.1f}s  {n_train / seconds:8.0f} img/s"
             )
+    # Parts fitted on the trained model (a VQ-VAE's code prior) live in its state_dict: the
+    # checkpoint is rewritten with them.
+    model.eval()
+    auxiliary = model.fit_auxiliary(
+        data.eval_inputs(dataset.train, cfg.data.binarization), val_inputs, cfg.train.progress
+    )
+    if auxiliary:
+        checkpoint = runs.load_checkpoint(run_dir, device)
+        checkpoint["model"] = model.state_dict()
+        runs.save_checkpoint(run_dir, checkpoint)
+        if cfg.train.progress:
+            tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in auxiliary.items()))
     return run_dir

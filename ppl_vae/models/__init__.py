@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from ppl_vae.errors import ConfigError
+from ppl_vae.models.ae import AE, AEConfig
 from ppl_vae.models.base import LatentVariableModel, ModelConfig
 from ppl_vae.models.vae import VAE, VAEConfig
 
 REGISTRY: dict[str, tuple[type[ModelConfig], type[LatentVariableModel]]] = {
     VAEConfig.kind: (VAEConfig, VAE),
+    AEConfig.kind: (AEConfig, AE),
 }
 
 
@@ -32,4 +34,13 @@ def default_config(kind: str, **overrides: Any) -> ModelConfig:
     return config_class(kind)(**overrides)
 
 
-__all__ = ["REGISTRY", "VAE", "VAEConfig", "LatentVariableModel", "ModelConfig", "build"]
+__all__ = [
+    "REGISTRY",
+    "AE",
+    "AEConfig",
+    "VAE",
+    "VAEConfig",
+    "LatentVariableModel",
+    "ModelConfig",
+    "build",
+]

@@ -21,6 +21,10 @@ class ModelConfig:
 
     kind: ClassVar[str] = ""
 
+    def check_data(self, binarization: str) -> None:
+        """Raise :class:`~ppl_vae.errors.ConfigError` if the model cannot score inputs made with
+        ``--data.binarization binarization`` (e.g. a Bernoulli likelihood on intensities)."""
+
 
 class LatentVariableModel(PyroModule):
     """Shared interface: generative ``model``, amortized ``guide``, and deterministic helpers.
@@ -48,6 +52,44 @@ class LatentVariableModel(PyroModule):
 
     def prior_sample(self, n: int) -> torch.Tensor:
         """``n`` draws of z from p(z) on the model's device."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ hooks of the training loop
+    # Model-specific behaviour lives behind these methods, so that train.py, evaluate.py and the
+    # CLI never branch on the model's kind.
+
+    def on_train_step(self, step: int) -> None:
+        """Called by :func:`ppl_vae.train.fit` before SVI step ``step`` (0-based, global).
+
+        Schedules that depend on the step (KL warm-up) and periodic maintenance (dead-code
+        revival) go here. Users driving :class:`pyro.infer.SVI` themselves call it likewise.
+        """
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Extra columns for this epoch's row of ``metrics.csv`` (and reset of their counters)."""
+        return {}
+
+    def fit_auxiliary(
+        self, train_inputs: torch.Tensor, val_inputs: torch.Tensor, progress: bool = False
+    ) -> dict[str, float]:
+        """Fit parts trained after the SVI loop on the frozen model (a VQ-VAE's code prior).
+
+        Their state must live in this module's ``state_dict`` so the checkpoint holds it.
+        Returns numbers for the log; the default has nothing to fit.
+        """
+        return {}
+
+    def evaluation_metrics(
+        self, inputs: torch.Tensor, eval_cfg, progress: bool = False
+    ) -> dict[str, object]:
+        """Test-set numbers for ``eval.json``: by default those of a model whose guide has a
+        density (-ELBO and importance-sampled log p(x)); point-mass guides override this."""
+        from ppl_vae.evaluate import density_guide_metrics
+
+        return density_guide_metrics(self, inputs, eval_cfg, progress)
+
+    def reconstruction_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """log p(x | z = encode(x)) per image, ``(B,)``."""
         raise NotImplementedError
 
     @property

@@ -1,78 +1,110 @@
-"""The variational autoencoder as a Pyro model/guide pair (Kingma & Welling 2014)."""
+"""The variational autoencoder as a Pyro model/guide pair (Kingma & Welling 2014), with the
+β-VAE weight (Higgins et al. 2017) and a linear KL warm-up (Sønderby et al. 2016) on ``"z"``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 
 from ppl_vae import nets
 from ppl_vae.errors import check
-from ppl_vae.models.base import LatentVariableModel, ModelConfig
+from ppl_vae.models.common import ImageModel, NetworkConfig
 
 
 @dataclass(frozen=True)
-class VAEConfig(ModelConfig):
+class VAEConfig(NetworkConfig):
     kind: ClassVar[str] = "vae"
 
     z_dim: int = 32
     """Dimension of the latent z."""
-    hidden: tuple[int, ...] = (512, 256)
-    """Hidden layer sizes of the encoder MLP; the decoder mirrors them."""
-    activation: Literal["relu", "softplus", "tanh", "gelu", "elu", "leaky_relu"] = "softplus"
-    """Nonlinearity between layers."""
-    x_dim: int = 784
-    """Number of pixels of a flattened input image."""
+    beta: float = 1.0
+    """Weight of the "z" site (KL term) in the training objective: β-VAE for β ≠ 1."""
+    warmup_steps: int = 0
+    """Linear KL warm-up over this many SVI steps (0: none); the weight ramps up to beta."""
+    warmup_start: float = 0.01
+    """Warm-up weight at step 0, as a fraction of beta; must be above 0."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.z_dim >= 1, "--model.z-dim", "a positive integer", self.z_dim)
-        check(all(h >= 1 for h in self.hidden), "--model.hidden", "positive sizes", self.hidden)
-        check(self.x_dim >= 1, "--model.x-dim", "a positive integer", self.x_dim)
+        check(self.beta > 0, "--model.beta", "positive", self.beta)
+        check(self.warmup_steps >= 0, "--model.warmup-steps", ">= 0", self.warmup_steps)
+        check(0 < self.warmup_start <= 1, "--model.warmup-start", "in (0, 1]", self.warmup_start)
+
+    def kl_weight(self, step: int) -> float:
+        """β · min(1, start + (1 − start) · step / warmup_steps): the "z" site's scale."""
+        if self.warmup_steps == 0:
+            return self.beta
+        ramp = self.warmup_start + (1 - self.warmup_start) * step / self.warmup_steps
+        return self.beta * min(1.0, ramp)
 
 
-class VAE(LatentVariableModel):
-    """p(z) = N(0, I); p(x|z) = Bernoulli(logits = decoder(z)); q(z|x) = N(encoder(x)).
+class VAE(ImageModel):
+    """p(z) = N(0, I); p(x|z) = likelihood(decoder(z)); q(z|x) = N(encoder(x)).
 
-    The decoder and encoder are registered with :func:`pyro.module` inside ``model`` and
-    ``guide``, so the pair trains both through the module interface
-    (``Trace_ELBO()(vae.model, vae.guide)`` with a torch optimizer over ``vae.parameters()``)
-    and through :class:`pyro.infer.SVI` with a Pyro optimizer.
+    The likelihood is Bernoulli by default (continuous Bernoulli or Gaussian for intensities),
+    the encoder and decoder MLPs or strided conv nets. The decoder and encoder are registered
+    with :func:`pyro.module` inside ``model`` and ``guide``, so the pair trains both through the
+    module interface (``Trace_ELBO()(vae.model, vae.guide)`` with a torch optimizer over
+    ``vae.parameters()``) and through :class:`pyro.infer.SVI` with a Pyro optimizer.
 
-    :param VAEConfig config: sizes and nonlinearity of the networks.
+    The ``"z"`` site is scaled by :attr:`kl_weight` with :func:`pyro.poutine.scale` in both
+    model and guide (so log p(z) − log q(z|x), i.e. the KL term, is weighted, and
+    ``TraceMeanField_ELBO`` sees equal scales). In training mode the weight follows
+    :meth:`VAEConfig.kl_weight` of the step last given to :meth:`on_train_step`; in eval mode it
+    is 1, so validation and test numbers are the true -ELBO whatever β and the warm-up are.
+
+    :param VAEConfig config: networks, likelihood, β and warm-up.
     """
 
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        self.encoder = nets.mlp_gaussian_encoder(
-            config.x_dim, config.hidden, config.z_dim, config.activation
-        )
-        self.decoder = nets.mlp_decoder(
-            config.z_dim, config.hidden, config.x_dim, config.activation
-        )
+        self.train_step = 0
+        self.encoder = nets.GaussianHead(config.encoder_net(2 * config.z_dim))
+        self.decoder = config.decoder_net(config.z_dim)
+        self.likelihood = config.build_likelihood()
+
+    @property
+    def kl_weight(self) -> float:
+        return self.config.kl_weight(self.train_step) if self.training else 1.0
+
+    def on_train_step(self, step: int) -> None:
+        self.train_step = step
+
+    def epoch_metrics(self) -> dict[str, float]:
+        cfg = self.config
+        return {"kl_weight": self.kl_weight} if cfg.beta != 1 or cfg.warmup_steps else {}
 
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
             prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.config.z_dim])
-            z = pyro.sample("z", prior.to_event(1))
-            x_logits = self.decoder(z)
-            pyro.sample("x", dist.Bernoulli(logits=x_logits).to_event(1), obs=x)
+            with poutine.scale(scale=self.kl_weight):
+                z = pyro.sample("z", prior.to_event(1))
+            self.observe(x, z)
 
     def guide(self, x: torch.Tensor) -> None:
         pyro.module("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
             z_loc, z_scale = self.encoder(x)
-            pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+            with poutine.scale(scale=self.kl_weight):
+                pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[0]
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.decoder(z))
-
     def prior_sample(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.config.z_dim, device=self.device)
+
+    def evaluation_metrics(self, inputs, eval_cfg, progress=False):
+        from ppl_vae.evaluate import aggregate_posterior_gap
+
+        results = super().evaluation_metrics(inputs, eval_cfg, progress)
+        return {**results, **aggregate_posterior_gap(self, inputs, eval_cfg.batch_size)}

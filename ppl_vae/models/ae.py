@@ -1,0 +1,89 @@
+"""The deterministic autoencoder as a Pyro model/guide pair with a point-mass guide.
+
+With q(z|x) = Delta(encoder(x)) the "ELBO" is log p(x | z = encoder(x)) + log p(z) (a point
+mass has log density 0 at its atom, with respect to counting measure): with the N(0, I) prior
+SVI is MAP estimation of z per image, jointly with the decoder (a MAP-regularized autoencoder);
+with the prior switched off (an improper flat prior, log density 0) it is the plain
+reconstruction autoencoder. Neither is a bound on log p(x), and nothing makes the codes of the
+data fill N(0, I): :func:`ppl_vae.evaluate.aggregate_posterior_gap` measures how far they are,
+which is why decoding z ~ N(0, I) gives poor images next to a VAE's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pyro
+import pyro.distributions as dist
+import torch
+from torch.distributions import constraints
+
+from ppl_vae.errors import check
+from ppl_vae.models.common import ImageModel, NetworkConfig
+
+
+@dataclass(frozen=True)
+class AEConfig(NetworkConfig):
+    kind: ClassVar[str] = "ae"
+
+    z_dim: int = 32
+    """Dimension of the code z."""
+    prior: bool = True
+    """N(0, I) prior on z (MAP-regularized AE); --no-model.prior: plain reconstruction AE."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.z_dim >= 1, "--model.z-dim", "a positive integer", self.z_dim)
+
+
+class AE(ImageModel):
+    """p(z) = N(0, I) or flat; p(x|z) = likelihood(decoder(z)); q(z|x) = Delta(encoder(x)).
+
+    :param AEConfig config: networks, likelihood and whether the N(0, I) prior is on.
+    """
+
+    def __init__(self, config: AEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = config.encoder_net(config.z_dim)
+        self.decoder = config.decoder_net(config.z_dim)
+        self.likelihood = config.build_likelihood()
+
+    def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        if self.config.prior:
+            return dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.config.z_dim])
+        # log density 0 everywhere; never sampled from: SVI replays the guide's z.
+        return dist.ImproperUniform(constraints.real, (), (self.config.z_dim,))
+
+    def model(self, x: torch.Tensor) -> None:
+        pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
+        with pyro.plate("data", x.shape[0]):
+            prior = self.prior(x)
+            z = pyro.sample("z", prior if not self.config.prior else prior.to_event(1))
+            self.observe(x, z)
+
+    def guide(self, x: torch.Tensor) -> None:
+        pyro.module("encoder", self.encoder)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Delta(self.encoder(x), event_dim=1))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def prior_sample(self, n: int) -> torch.Tensor:
+        """z ~ N(0, I): the MAP AE's prior; the plain AE has none, and this is the reference
+        distribution its samples are drawn from for comparison."""
+        return torch.randn(n, self.config.z_dim, device=self.device)
+
+    def evaluation_metrics(self, inputs, eval_cfg, progress=False):
+        from ppl_vae.evaluate import aggregate_posterior_gap, point_guide_metrics
+
+        results = point_guide_metrics(self, inputs, eval_cfg.batch_size)
+        results["notes"] = [
+            "q(z|x) is a point mass, so importance-sampled log p(x) and the -ELBO are not "
+            "defined: the reconstruction error and the MAP objective "
+            "-log p(x, z = encoder(x)) are reported instead"
+        ]
+        return {**results, **aggregate_posterior_gap(self, inputs, eval_cfg.batch_size)}

@@ -1,0 +1,147 @@
+"""What the image models share: the likelihood and network options of their configs, and the
+observation site ``"x"`` built from a decoder and a :class:`~ppl_vae.likelihoods.Likelihood`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pyro
+import torch
+from torch import nn
+
+from ppl_vae import nets
+from ppl_vae.errors import ConfigError, check
+from ppl_vae.likelihoods import BINARY_LIKELIHOODS, Likelihood, LikelihoodName, ScaleMode
+from ppl_vae.models.base import LatentVariableModel, ModelConfig
+
+Activation = Literal["relu", "softplus", "tanh", "gelu", "elu", "leaky_relu"]
+
+
+@dataclass(frozen=True)
+class ImageConfig(ModelConfig):
+    """Options of every model of flat images: the input size and the likelihood p(x|z)."""
+
+    x_dim: int = 784
+    """Number of values of a flattened input image (channels · height · width)."""
+    channels: int = 1
+    """Image channels (1: grayscale, 3: RGB); conv nets need x_dim = channels · side²."""
+    activation: Activation = "softplus"
+    """Nonlinearity between layers."""
+    likelihood: LikelihoodName = "bernoulli"
+    """p(x|z): bernoulli (binarized pixels) or, for intensities (--data.binarization none),
+    continuous-bernoulli or gaussian."""
+    x_scale: float = 0.1
+    """Gaussian likelihood: the fixed pixel scale, or the initial value of a learned one."""
+    x_scale_mode: ScaleMode = "fixed"
+    """Gaussian likelihood: fixed scale, one learned (shared) scale, or one per pixel."""
+
+    def __post_init__(self) -> None:
+        check(self.x_dim >= 1, "--model.x-dim", "a positive integer", self.x_dim)
+        check(self.channels >= 1, "--model.channels", "a positive integer", self.channels)
+        check(self.x_scale > 0, "--model.x-scale", "positive", self.x_scale)
+        check(
+            self.likelihood == "gaussian" or self.x_scale_mode == "fixed",
+            "--model.x-scale-mode",
+            f"fixed unless --model.likelihood is gaussian (it is {self.likelihood})",
+            self.x_scale_mode,
+        )
+
+    def check_data(self, binarization: str) -> None:
+        binary_data = binarization != "none"
+        binary_model = self.likelihood in BINARY_LIKELIHOODS
+        if binary_model and not binary_data:
+            raise ConfigError(
+                f"--model.likelihood {self.likelihood} scores pixels in {{0, 1}}, but "
+                "--data.binarization none gives intensities in [0, 1]; use --data.binarization "
+                "dynamic or static, or --model.likelihood continuous-bernoulli or gaussian"
+            )
+        if binary_data and not binary_model:
+            raise ConfigError(
+                f"--model.likelihood {self.likelihood} models intensities in [0, 1], but "
+                f"--data.binarization {binarization} gives pixels in {{0, 1}}; add "
+                "--data.binarization none, or use --model.likelihood bernoulli"
+            )
+
+    def build_likelihood(self) -> Likelihood:
+        return Likelihood(self.likelihood, self.x_dim, self.x_scale, self.x_scale_mode)
+
+
+@dataclass(frozen=True)
+class NetworkConfig(ImageConfig):
+    """Options of models with a vector latent: MLP or convolutional encoder and decoder."""
+
+    arch: Literal["mlp", "conv"] = "mlp"
+    """Encoder/decoder: mlp, or conv (strided convolutions / transposed convolutions)."""
+    hidden: tuple[int, ...] = (512, 256)
+    """Hidden layer sizes of the encoder MLP; the decoder mirrors them (--model.arch mlp)."""
+    conv_channels: tuple[int, ...] = (32, 64)
+    """Channels of the stride-2 conv layers; each halves the side (--model.arch conv)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(all(h >= 1 for h in self.hidden), "--model.hidden", "positive sizes", self.hidden)
+        check_conv_shape(self)
+
+    def encoder_net(self, out_dim: int) -> nn.Module:
+        """x ↦ ``out_dim`` features with the configured architecture."""
+        if self.arch == "conv":
+            return nets.conv_encoder(
+                self.x_dim, self.channels, self.conv_channels, out_dim, self.activation
+            )
+        return nets.mlp([self.x_dim, *self.hidden, out_dim], self.activation)
+
+    def decoder_net(self, z_dim: int) -> nn.Module:
+        """z ↦ per-pixel likelihood parameters with the configured architecture."""
+        if self.arch == "conv":
+            return nets.conv_decoder(
+                z_dim, self.conv_channels, self.x_dim, self.channels, self.activation
+            )
+        return nets.mlp_decoder(z_dim, self.hidden, self.x_dim, self.activation)
+
+
+def check_conv_shape(cfg) -> None:
+    """--model.x-dim must be channels · side² with side divisible by 2^len(conv_channels)."""
+    check(
+        len(cfg.conv_channels) >= 1 and all(c >= 1 for c in cfg.conv_channels),
+        "--model.conv-channels",
+        "one or more positive sizes",
+        cfg.conv_channels,
+    )
+    if getattr(cfg, "arch", "conv") != "conv":
+        return
+    try:
+        side = nets.image_side(cfg.x_dim, cfg.channels)
+    except ValueError:
+        side = 0
+    factor = 2 ** len(cfg.conv_channels)
+    check(
+        side > 0 and side % factor == 0,
+        "--model.x-dim",
+        f"channels · side² with the side divisible by {factor} for "
+        f"{len(cfg.conv_channels)} stride-2 conv layers (--model.channels {cfg.channels})",
+        cfg.x_dim,
+    )
+
+
+class ImageModel(LatentVariableModel):
+    """A latent variable model whose ``"x"`` site is ``likelihood(decoder(z))``.
+
+    Subclasses build ``self.decoder`` and ``self.likelihood`` (from
+    :meth:`ImageConfig.build_likelihood`).
+    """
+
+    decoder: nn.Module
+    likelihood: Likelihood
+
+    def observe(self, x: torch.Tensor, z: torch.Tensor) -> None:
+        """The observation site ``"x"`` given z, inside the caller's ``"data"`` plate."""
+        pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruction_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.likelihood(self.decoder(self.encode(x))).log_prob(x)
