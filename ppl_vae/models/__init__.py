@@ -12,10 +12,12 @@ from ppl_vae.errors import ConfigError
 from ppl_vae.models.ae import AE, AEConfig
 from ppl_vae.models.base import LatentVariableModel, ModelConfig
 from ppl_vae.models.vae import VAE, VAEConfig
+from ppl_vae.models.vqvae import VQVAE, VQVAEConfig
 
 REGISTRY: dict[str, tuple[type[ModelConfig], type[LatentVariableModel]]] = {
     VAEConfig.kind: (VAEConfig, VAE),
     AEConfig.kind: (AEConfig, AE),
+    VQVAEConfig.kind: (VQVAEConfig, VQVAE),
 }
 
 
@@ -40,6 +42,8 @@ __all__ = [
     "AEConfig",
     "VAE",
     "VAEConfig",
+    "VQVAE",
+    "VQVAEConfig",
     "LatentVariableModel",
     "ModelConfig",
     "build",
