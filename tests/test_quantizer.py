@@ -92,9 +92,10 @@ def test_ema_codes_converge_to_cluster_means():
 
     With batches of m points per cluster, noise σ and decay d, the EMA code is a weighted mean
     of the points with weights (1 − d) d^(T − t) per step (the start, 1 away with weight
-    d^T ≈ 7e-3 against ≈ m, shifts it by ≈ 1e-4, 3% of an SE; the Laplace smoothing by less), so its standard error per coordinate is
-    SE = σ √((1 − d) / ((1 + d) m)). Tolerance: k = 4.5 standard errors on each of the 8
-    coordinates (two-sided 7e-6 each, 5e-5 for the test). Fixed seed.
+    d^T ≈ 7e-3 against ≈ m, shifts it by ≈ 1e-4, 3% of an SE; the Laplace smoothing by less),
+    so its standard error per coordinate is SE = σ √((1 − d) / ((1 + d) m)).
+    Tolerance: k = 4.5 standard errors on each of the 8 coordinates (two-sided 7e-6 each,
+    5e-5 for the test). Fixed seed.
     TODO(merge): switch to ``tests.stats.assert_mc_close`` once tests/stats.py lands.
     """
     gen = torch.Generator().manual_seed(0)
