@@ -78,8 +78,11 @@ class VAE(ImageModel):
         self.train_step = step
 
     def epoch_metrics(self) -> dict[str, float]:
+        """The training weight of the "z" site at the last step (when β or warm-up is on)."""
         cfg = self.config
-        return {"kl_weight": self.kl_weight} if cfg.beta != 1 or cfg.warmup_steps else {}
+        if cfg.beta == 1 and not cfg.warmup_steps:
+            return {}
+        return {"kl_weight": cfg.kl_weight(self.train_step)}
 
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
