@@ -18,9 +18,18 @@ CASES = {
     "vae-gaussian-conv-warmup": (
         "vae",
         [
-            "--model.arch", "conv", "--model.likelihood", "gaussian",
-            "--model.x-scale-mode", "pixel", "--data.binarization", "none",
-            "--model.beta", "0.5", "--model.warmup-steps", "3",
+            "--model.arch",
+            "conv",
+            "--model.likelihood",
+            "gaussian",
+            "--model.x-scale-mode",
+            "pixel",
+            "--data.binarization",
+            "none",
+            "--model.beta",
+            "0.5",
+            "--model.warmup-steps",
+            "3",
         ],
     ),  # fmt: skip
     "vqvae": (
