@@ -2,7 +2,7 @@
 
 from ppl_vae.config import DataConfig, EvalConfig, ObjectiveConfig, RunConfig, TrainConfig
 from ppl_vae.evaluate import evaluate_run, log_likelihood, neg_elbo
-from ppl_vae.models import REGISTRY, VAE, VAEConfig, build
+from ppl_vae.models import AE, REGISTRY, VAE, VQVAE, AEConfig, VAEConfig, VQVAEConfig, build
 from ppl_vae.objectives import log_weights, loss_module, make_elbo
 from ppl_vae.train import fit
 
@@ -13,8 +13,12 @@ __all__ = [
     "RunConfig",
     "TrainConfig",
     "REGISTRY",
+    "AE",
+    "AEConfig",
     "VAE",
     "VAEConfig",
+    "VQVAE",
+    "VQVAEConfig",
     "build",
     "evaluate_run",
     "fit",

@@ -9,7 +9,9 @@ import pytest
 import torch
 from pyro import poutine
 
+from ppl_vae.config import ObjectiveConfig
 from ppl_vae.models import build, default_config
+from ppl_vae.objectives import loss_module
 from ppl_vae.quantizer import (
     Quantizer,
     codebook_loss,
@@ -150,3 +152,20 @@ def test_kl_is_positions_times_log_k(seed):
     positions = 7 * 7  # 28 → 14 → 7 after two stride-2 convs
     torch.testing.assert_close(kl, torch.full((3,), positions * math.log(32)))
     assert model.config.kl_constant == pytest.approx(positions * math.log(32))
+
+
+def test_vq_loss_is_reconstruction_plus_constant_plus_auxiliary(seed):
+    """Eval mode: loss = Σ [−log p(x|z_q)] + B · positions · log K (the -ELBO, exactly); training
+    mode adds the per-datum auxiliary loss through the guide factor, with a + sign."""
+    model = build(default_config("vqvae", codebook_size=32))
+    x = torch.bernoulli(torch.full((3, 784), 0.4))
+    loss_fn = loss_module(model, ObjectiveConfig())
+    model.eval()
+    z_e = model.encoder(x)
+    z_q, _, aux = model.quantizer(z_e)
+    recon_nll = -model.likelihood(model.decoder(z_q)).log_prob(x).sum()
+    expected = recon_nll + 3 * model.config.kl_constant
+    torch.testing.assert_close(loss_fn(x), expected)
+    model.train()
+    model.quantizer.initialized.fill_(True)  # keep the codebook as it is for this comparison
+    torch.testing.assert_close(loss_fn(x), expected + aux.sum())

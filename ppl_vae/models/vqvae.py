@@ -5,7 +5,8 @@ nearest codebook vector e_k and samples the straight-through z_q = z_e + (e_k �
 a point mass at ``"z"``. The model's prior is uniform over the K codes at each of the h·w
 positions (:class:`UniformCodebook`), so with q one-hot, KL(q(z|x) || p(z)) = h·w·log K for
 every image: a constant, reported as such. The ELBO is then log p(x|z_q) − h·w·log K, and the
-training loss adds the auxiliary loss ‖sg[z_e] − e_k‖² + β ‖z_e − sg[e_k]‖² per datum.
+training loss (in training mode) adds the auxiliary loss ‖sg[z_e] − e_k‖² + β ‖z_e − sg[e_k]‖²
+per datum.
 
 For generation a learned :class:`~ppl_vae.models.code_prior.CodePrior` (a PixelCNN over code
 maps) is fitted after the SVI loop (:meth:`VQVAE.fit_auxiliary`) and kept in the state_dict;
@@ -156,9 +157,11 @@ class VQVAE(ImageModel):
         with pyro.plate("data", x.shape[0]):
             z_q, codes, aux = self.quantizer(self.encoder(x))
             pyro.sample("z", dist.Delta(z_q, event_dim=3))
-            # A guide factor counts as part of log q(z|x), which the ELBO subtracts: +aux here
-            # adds +aux (per datum, like the reconstruction term) to the loss = -ELBO.
-            pyro.factor("vq_aux", aux, has_rsample=True)
+            if self.training:
+                # A guide factor counts as part of log q(z|x), which the ELBO subtracts: +aux
+                # here adds +aux (per datum, like the reconstruction term) to the loss. In eval
+                # mode it is left out, so validation numbers are the -ELBO itself.
+                pyro.factor("vq_aux", aux, has_rsample=True)
         return codes
 
     # ------------------------------------------------------------------ encode / decode / sample
