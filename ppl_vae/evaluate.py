@@ -89,6 +89,7 @@ LABELS: dict[str, str] = {
     "code_prior_bits_per_position": "code prior, bits per code position (uniform: log2 K)",
     "uniform_bits_per_position": "uniform code prior, bits per code position (log2 K)",
     "code_prior_bits_per_dim": "code prior -log p(codes) in bits per pixel",
+    "code_prior_neg_elbo": "-ELBO with the code prior: reconstruction + -log p(codes) (nats/image)",
 }
 
 

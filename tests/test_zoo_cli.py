@@ -67,6 +67,7 @@ def test_train_then_evaluate_and_sample(case, fake_data_dir, tmp_path, capsys):
         assert ev["kl_constant"] == pytest.approx(49 * math.log(16))
         assert ev["vq_neg_elbo"] == pytest.approx(ev["recon_nll"] + ev["kl_constant"])
         assert ev["code_prior_bits_per_position"] > 0 and ev["uniform_bits_per_position"] == 4
+        assert ev["code_prior_neg_elbo"] == pytest.approx(ev["recon_nll"] + ev["code_prior_nll"])
         assert 1 <= ev["perplexity"] <= 16
     assert "Results" in (run_dir / "report.md").read_text()
     out = tmp_path / "s.png"

@@ -233,6 +233,8 @@ class VQVAE(ImageModel):
             results["code_prior_nll"] = nll
             results["code_prior_bits_per_position"] = nll / (positions * math.log(2))
             results["code_prior_bits_per_dim"] = nll / (inputs.shape[1] * math.log(2))
+            # q is one-hot, so KL(q || learned prior) = -log p(codes): the -ELBO under it
+            results["code_prior_neg_elbo"] = results["recon_nll"] + nll
             notes.append(
                 "the code prior's -log p(codes) replaces the uniform prior's positions · log K "
                 f"= {cfg.kl_constant:.1f} nats/image"
