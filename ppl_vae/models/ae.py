@@ -51,17 +51,18 @@ class AE(ImageModel):
         self.likelihood = config.build_likelihood()
 
     def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """p(z): N(0, I), or with ``prior=False`` a flat improper density (log density 0, never
+        sampled from: SVI replays the guide's z)."""
+        z_dim = self.config.z_dim
         if self.config.prior:
-            return dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.config.z_dim])
-        # log density 0 everywhere; never sampled from: SVI replays the guide's z.
-        return dist.ImproperUniform(constraints.real, (), (self.config.z_dim,))
+            return dist.Normal(x.new_zeros(()), x.new_ones(())).expand([z_dim]).to_event(1)
+        return dist.ImproperUniform(constraints.real, (), (z_dim,))
 
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
-            prior = self.prior(x)
-            z = pyro.sample("z", prior if not self.config.prior else prior.to_event(1))
+            z = pyro.sample("z", self.prior(x))
             self.observe(x, z)
 
     def guide(self, x: torch.Tensor) -> None:
