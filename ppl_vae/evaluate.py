@@ -78,7 +78,7 @@ LABELS: dict[str, str] = {
     "bits_per_dim": "-log p(x) in bits/dim",
     "recon_nll": "reconstruction -log p(x | z = encode(x)) (nats/image)",
     "recon_sq_error": "reconstruction squared error Σ (x - E[x|z])² (per image)",
-    "neg_log_joint": "MAP objective -log p(x, z = encoder(x)) (nats/image)",
+    "neg_log_joint": "training objective at the code, -log p(x, z = encoder(x)) (nats/image)",
     "aggregate_kl_to_prior": "KL(N(mean, cov of z ~ q(z|x) over the data) || N(0, I)) (nats)",
     "aggregate_sq_norm_per_dim": "mean |z|² / dim of z ~ q(z|x) over the data (1 under N(0, I))",
     "kl_constant": "KL = positions · log K, a constant (nats/image)",

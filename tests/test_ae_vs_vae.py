@@ -8,15 +8,13 @@ an autoencoder's codes, so N(0, I) draws land where its decoder was never traine
 
 from __future__ import annotations
 
-import math
-
 import pyro
 import pytest
 import torch
 
 from ppl_vae import data
 from ppl_vae.config import ObjectiveConfig
-from ppl_vae.evaluate import aggregate_posterior_gap, log_likelihood
+from ppl_vae.evaluate import aggregate_posterior_gap
 from ppl_vae.models import AEConfig, VAEConfig, build
 from ppl_vae.objectives import loss_module
 
@@ -39,29 +37,26 @@ def trained(config, train: torch.Tensor):
 
 
 @pytest.mark.slow
-@pytest.mark.stat
-def test_autoencoder_prior_samples_are_off_the_data(fashion):
-    """Estimands: (1) KL(moment-matched aggregate of z ~ q(z|x) over 1000 test images ||
-    N(0, I)) per model — deterministic given the seeds, compared with wide margins; (2) the mean
-    importance-sampled log p(x) (k = 20) under the VAE of 200 images drawn from each model with
-    z ~ N(0, I): the plain AE's must be lower than the VAE's own by more than k = 4.3 standard
-    errors of the difference (independent samples, SE = √(s₁²/n + s₂²/n))."""
+def test_autoencoder_codes_are_far_from_the_prior(fashion):
+    """Estimand: KL(N(m, S) || N(0, I)) for the mean m and covariance S of z ~ q(z|x) over 1000
+    test images, per model; deterministic given the seeds, compared with wide margins.
+
+    Not asserted: that the AEs' prior samples get a lower log p(x) under the VAE. Measured on
+    the zoo runs (README) they get a *higher* one: decoded N(0, I) draws of an AE are dim,
+    low-entropy images, which a Bernoulli likelihood rates highly (likelihood is a poor judge of
+    sample quality; Theis et al. 2016)."""
     train = data.to_input(fashion.train.fixed_binary[:N_TRAIN], "static")
     test = data.eval_inputs(fashion.test, "static")[:1000]
-    vae = trained(VAEConfig(**NET), train)
-    map_ae = trained(AEConfig(**NET), train)
-    plain_ae = trained(AEConfig(prior=False, **NET), train)
-
-    gap = {name: aggregate_posterior_gap(m, test)["aggregate_kl_to_prior"]
-           for name, m in (("vae", vae), ("map", map_ae), ("plain", plain_ae))}  # fmt: skip
-    assert gap["plain"] > 10 * gap["vae"], gap
-    assert gap["map"] > gap["vae"], gap
-
-    torch.manual_seed(0)
-    scores = {}
-    for name, m in (("vae", vae), ("plain", plain_ae)):
-        images = torch.bernoulli(m.sample(200))
-        scores[name] = log_likelihood(vae, images, k=20)
-    diff = scores["vae"].mean() - scores["plain"].mean()
-    se = math.sqrt(sum(s.var().item() / s.numel() for s in scores.values()))
-    assert diff > 4.3 * se, (diff, se)
+    gap = {}
+    for name, config in (
+        ("vae", VAEConfig(**NET)),
+        ("map", AEConfig(**NET)),
+        ("plain", AEConfig(prior=False, **NET)),
+    ):
+        gap[name] = aggregate_posterior_gap(trained(config, train), test)
+    kl = {name: g["aggregate_kl_to_prior"] for name, g in gap.items()}
+    assert kl["plain"] > 10 * kl["vae"], kl
+    assert kl["map"] > kl["vae"], kl
+    # the plain AE's codes spread far beyond N(0, I); the VAE's match its scale
+    assert gap["plain"]["aggregate_sq_norm_per_dim"] > 4, gap
+    assert 0.5 < gap["vae"]["aggregate_sq_norm_per_dim"] < 2, gap

@@ -5,8 +5,10 @@ mass has log density 0 at its atom, with respect to counting measure): with the 
 SVI is MAP estimation of z per image, jointly with the decoder (a MAP-regularized autoencoder);
 with the prior switched off (an improper flat prior, log density 0) it is the plain
 reconstruction autoencoder. Neither is a bound on log p(x), and nothing makes the codes of the
-data fill N(0, I): :func:`ppl_vae.evaluate.aggregate_posterior_gap` measures how far they are,
-which is why decoding z ~ N(0, I) gives poor images next to a VAE's.
+data fill N(0, I): :func:`ppl_vae.evaluate.aggregate_posterior_gap` measures how far they are.
+The plain AE's codes spread far wider than N(0, I), so decoded N(0, I) draws are near-blank
+images; the MAP AE's codes shrink towards 0 (the prior is a penalty, not a target), so N(0, I)
+draws mostly lie outside the region its decoder was trained on.
 """
 
 from __future__ import annotations
