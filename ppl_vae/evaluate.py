@@ -74,7 +74,7 @@ def log_likelihood(
 LABELS: dict[str, str] = {
     "neg_elbo": "-ELBO, Trace_ELBO (nats/image)",
     "neg_elbo_meanfield": "-ELBO, TraceMeanField_ELBO (nats/image)",
-    "nll_is": "-log p(x), importance sampled (nats/image)",
+    "nll_is": "importance-sampled -log p(x) (nats/image)",
     "bits_per_dim": "-log p(x) in bits/dim",
     "recon_nll": "reconstruction -log p(x | z = encode(x)) (nats/image)",
     "recon_sq_error": "reconstruction squared error Σ (x - E[x|z])² (per image)",
