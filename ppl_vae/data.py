@@ -226,8 +226,6 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
     val_size = min(VAL_SIZE, n // 6)  # small test files keep a proportionate validation split
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = perm[: n - val_size].sort().values, perm[n - val_size :].sort().values
-    if cfg.train_subset:
-        train_idx = train_idx[: cfg.train_subset]
     splits = {
         "train": Split(train_images[train_idx], train_labels[train_idx]),
         "val": Split(train_images[val_idx], train_labels[val_idx]),
@@ -266,11 +264,14 @@ def to_input(images: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown input mode {mode!r}; use 'dynamic', 'static' or 'none'")
 
 
-def train_source(split: Split, binarization: str) -> tuple[torch.Tensor, str]:
-    """The uint8 tensor training batches are sliced from, and the :func:`to_input` mode."""
-    if binarization == "static":
-        return split.fixed_binary, "static"
-    return split.images, binarization
+def train_source(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, str]:
+    """The uint8 tensor training batches are sliced from (the first ``cfg.train_subset``
+    images when set), and the :func:`to_input` mode that turns them into model inputs."""
+    if cfg.binarization == "static":
+        source, mode = split.fixed_binary, "static"
+    else:
+        source, mode = split.images, cfg.binarization
+    return (source[: cfg.train_subset] if cfg.train_subset else source), mode
 
 
 def eval_inputs(split: Split, binarization: str) -> torch.Tensor:

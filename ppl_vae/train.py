@@ -73,32 +73,32 @@ def fit(
     :param dataset: an already loaded dataset on the right device (tests and notebooks reuse one).
     """
     if resume is not None:
-        run_dir = Path(resume)
-        cfg = runs.read_config(run_dir)
+        cfg = runs.read_config(resume)
         if epochs is not None:
             cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
-            runs.write_config(run_dir, cfg)
-    else:
-        cfg = cfg or RunConfig()
-        run_dir = runs.new_run_dir(cfg)
+    cfg = cfg or RunConfig()
     device = data.resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    dataset = dataset or data.load(cfg.data, device)
+    dataset = dataset or data.load(cfg.data, device)  # fails before any file is written
 
     model = build(cfg.model).to(device)
     loss_fn = loss_module(model, cfg.objective)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     batch_order = torch.Generator().manual_seed(cfg.train.seed)
     start_epoch, step = 0, 0
-    if resume is not None:
+    if resume is None:
+        run_dir = runs.new_run_dir(cfg)
+    else:
+        run_dir = Path(resume)
         checkpoint = runs.load_checkpoint(run_dir, device)
+        runs.write_config(run_dir, cfg)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         set_rng_state(checkpoint["rng"], batch_order)
         runs.truncate_metrics(run_dir, start_epoch)
 
-    source, mode = data.train_source(dataset.train, cfg.data.binarization)
+    source, mode = data.train_source(cfg.data, dataset.train)
     val_inputs = data.eval_inputs(dataset.val, cfg.data.binarization)
     n_train = source.shape[0]
     steps_per_epoch = data.num_batches(n_train, cfg.train.batch_size)
