@@ -12,6 +12,7 @@ from ppl_vae.config import to_dict
 from ppl_vae.evaluate import EVAL_JSON, LABELS
 
 REPORT = "report.md"
+DEFAULT_SAMPLES_CAPTION = "Prior samples (mean of p(x|z), z ~ p(z))"
 COMMON_METRICS = ("epoch", "train_neg_elbo", "val_neg_elbo", "lr", "seconds", "images_per_s")
 
 
@@ -27,7 +28,7 @@ def write_figures(run_dir: Path, model, dataset: data.Dataset, binarization: str
         plots.curves_figure(metrics, run_dir / plots.CURVES)
 
 
-def write_report(run_dir: Path) -> Path:
+def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) -> Path:
     """Assemble ``report.md`` from config.json, metrics.csv, eval.json and the figures."""
     run_dir = Path(run_dir)
     cfg = runs.read_config(run_dir)
@@ -92,7 +93,7 @@ def write_report(run_dir: Path) -> Path:
     lines += [
         "## Figures",
         "",
-        "Prior samples (mean of p(x|z), z ~ p(z)):",
+        f"{samples_caption}:",
         "",
         f"![samples]({plots.SAMPLES})",
         "",
@@ -119,4 +120,4 @@ def build_report(run_dir: Path, device: str = "auto", dataset: data.Dataset | No
     cfg, model, _ = runs.load_model(run_dir, torch_device)
     dataset = dataset or data.load(cfg.data, torch_device)
     write_figures(Path(run_dir), model, dataset, cfg.data.binarization, cfg.train.seed)
-    return write_report(run_dir)
+    return write_report(run_dir, model.samples_caption())

@@ -80,6 +80,11 @@ class AE(ImageModel):
         distribution its samples are drawn from for comparison."""
         return torch.randn(n, self.config.z_dim, device=self.device)
 
+    def samples_caption(self) -> str:
+        if self.config.prior:
+            return super().samples_caption()
+        return "Decoded z ~ N(0, I) (mean of p(x|z)): the plain AE has no prior; for comparison"
+
     def evaluation_metrics(self, inputs, eval_cfg, progress=False):
         from ppl_vae.evaluate import aggregate_posterior_gap, point_guide_metrics
 

@@ -88,6 +88,10 @@ class LatentVariableModel(PyroModule):
 
         return density_guide_metrics(self, inputs, eval_cfg, progress)
 
+    def samples_caption(self) -> str:
+        """What the sample grid of ``report.md`` shows."""
+        return "Prior samples (mean of p(x|z), z ~ p(z))"
+
     def reconstruction_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x | z = encode(x)) per image, ``(B,)``."""
         raise NotImplementedError

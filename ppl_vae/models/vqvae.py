@@ -182,6 +182,10 @@ class VQVAE(ImageModel):
             codes = torch.randint(self.config.codebook_size, shape, device=self.device)
         return self.quantizer.lookup(codes)
 
+    def samples_caption(self) -> str:
+        source = "the learned PixelCNN code prior" if bool(self.code_prior_fitted) else "uniform"
+        return f"Samples: code maps drawn from {source}, decoded (mean of p(x|z))"
+
     # ------------------------------------------------------------------ hooks of the training loop
 
     def on_train_step(self, step: int) -> None:
