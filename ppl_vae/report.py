@@ -57,7 +57,8 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
                 if key == "nll_is":
                     label = f"{label}, k = {ev['k']}"
                     value = f"{ev[key]:.2f} ± {ev['nll_is_stderr']:.2f}"
-                lines.append(f"| {label} | {value} |")
+                cell = label.replace("|", "\\|")  # a bar inside a table cell must be escaped
+                lines.append(f"| {cell} | {value} |")
         lines.append("")
         if "nll_is" in ev:
             lines += [
