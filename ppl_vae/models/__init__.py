@@ -10,10 +10,12 @@ from typing import Any
 
 from ppl_vae.errors import ConfigError
 from ppl_vae.models.base import LatentVariableModel, ModelConfig
+from ppl_vae.models.linear import LinearGaussian, LinearGaussianConfig
 from ppl_vae.models.vae import VAE, VAEConfig
 
 REGISTRY: dict[str, tuple[type[ModelConfig], type[LatentVariableModel]]] = {
     VAEConfig.kind: (VAEConfig, VAE),
+    LinearGaussianConfig.kind: (LinearGaussianConfig, LinearGaussian),
 }
 
 
