@@ -179,23 +179,29 @@ class LinearGaussian(LatentVariableModel):
         unconstrained = transform_to(constraints.lower_cholesky).inv(z_scale_tril)
         self.encoder.z_scale_tril_unconstrained.copy_(unconstrained)
 
+    def expected_log_likelihood(self, x: torch.Tensor) -> torch.Tensor:
+        """E_q[log p(x|z)] under the current guide, in closed form, one value per row of ``x``.
+
+        With ``m = A x + c``, ``S = L Lᵀ`` and residual ``r = x - W m - b``, it is
+        ``-D/2 log(2πσ²) - (‖r‖² + tr(W S Wᵀ)) / (2σ²)``.
+        """
+        weight, bias = self.decoder.linear.weight, self.decoder.linear.bias
+        x_var = self.decoder.x_scale**2
+        z_loc, z_scale_tril = self.encoder(x)
+        residual = x - z_loc @ weight.T - bias
+        squared_error = residual.square().sum(-1) + (weight @ z_scale_tril).square().sum()
+        return -0.5 * (self.config.x_dim * torch.log(2 * math.pi * x_var) + squared_error / x_var)
+
+    def kl_to_prior(self, x: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) ‖ p(z)) = (tr S + ‖m‖² - d) / 2 - Σ_i log L_ii, one value per row of ``x``."""
+        z_loc, z_scale_tril = self.encoder(x)
+        trace_and_mean = z_scale_tril.square().sum() + z_loc.square().sum(-1)
+        return 0.5 * (trace_and_mean - self.config.z_dim) - z_scale_tril.diagonal().log().sum()
+
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
         """The ELBO E_q[log p(x, z) - log q(z|x)] of the current guide, in closed form, per row.
 
-        With ``m = A x + c``, ``S = L Lᵀ`` and residual ``r = x - W m - b``:
-        ``E_q[log p(x|z)] = -D/2 log(2πσ²) - (‖r‖² + tr(W S Wᵀ)) / (2σ²)`` and
-        ``KL(q ‖ p(z)) = (tr S + ‖m‖² - d) / 2 - Σ_i log L_ii``. No sampling is involved, so its
-        autograd gradient is the exact gradient of the ELBO.
+        :meth:`expected_log_likelihood` minus :meth:`kl_to_prior`. No sampling is involved, so
+        its autograd gradient is the exact gradient of the ELBO, in every parameter.
         """
-        weight, bias = self.decoder.linear.weight, self.decoder.linear.bias
-        x_scale = self.decoder.x_scale
-        z_loc, z_scale_tril = self.encoder(x)
-        residual = x - z_loc @ weight.T - bias
-        x_dim, z_dim = self.config.x_dim, self.config.z_dim
-        squared_error = residual.square().sum(-1) + (weight @ z_scale_tril).square().sum()
-        x_var = x_scale**2
-        expected_log_lik = -0.5 * (x_dim * torch.log(2 * math.pi * x_var) + squared_error / x_var)
-        kl = 0.5 * (z_scale_tril.square().sum() + z_loc.square().sum(-1) - z_dim) - (
-            z_scale_tril.diagonal().log().sum()
-        )
-        return expected_log_lik - kl
+        return self.expected_log_likelihood(x) - self.kl_to_prior(x)
