@@ -9,6 +9,7 @@ reports the observed failure rate next to the budget.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -43,14 +44,24 @@ def seed(request) -> int:
     return value
 
 
-@pytest.fixture
-def single_thread():
-    """One torch thread for the test: the tiny tensors of the Monte Carlo loops run many times
-    faster without OpenMP hand-offs, above all when other jobs share the cores."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """Run a block with one torch thread: the small tensors of Monte Carlo loops and tiny
+    training runs go many times faster without OpenMP hand-offs when other jobs share the
+    cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def single_thread():
+    """The test runs with one torch thread (see :func:`one_torch_thread`)."""
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture
@@ -161,11 +172,11 @@ def _declared(item) -> int:
     return comparisons
 
 
-def _without_seed(item) -> tuple:
-    """An item's identity apart from the sweep's seed (its other parameters included)."""
-    callspec = getattr(item, "callspec", None)
-    indices = sorted((k, i) for k, i in callspec.indices.items() if k != "seed") if callspec else []
-    return (item.nodeid.split("[")[0], tuple(indices))
+def _without_seed(item) -> str:
+    """An item's name apart from the sweep's seed (its other parameters included)."""
+    params = item.callspec.params if hasattr(item, "callspec") else {}
+    others = ",".join(f"{name}={value!r}" for name, value in params.items() if name != "seed")
+    return f"{item.nodeid.split('[')[0]}[{others}]" if others else item.nodeid.split("[")[0]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -204,7 +215,7 @@ def pytest_runtest_makereport(item, call):
         )
     if item.config.stash[SEEDS]:
         seed = item.callspec.params["seed"]
-        item.config.stash[OUTCOMES].setdefault(seed, {})[item.nodeid] = report.passed
+        item.config.stash[OUTCOMES].setdefault(seed, {})[_without_seed(item)] = report.passed
     return report
 
 

@@ -15,6 +15,8 @@ LOCS = (0.0, 3.0)
 SCALES = (1e-3, 0.5, 2.0, 1e2)
 DIMS = (1, 16, 256)
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def log_ratio_draws(z_loc: torch.Tensor, z_scale: torch.Tensor, n: int) -> torch.Tensor:
     """``n`` draws of log q(z) - log p(z), z ~ q = N(z_loc, diag z_scale²), p = N(0, I).

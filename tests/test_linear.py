@@ -30,6 +30,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 PERTURBED = (0.5, 2.0)  # guide mean shifted by 0.5 in every coordinate, its scale doubled
 NEAR = (0.1, 1.1)  # a guide close to the exact posterior
+BROAD = (0.0, 3.0)  # the posterior's mean, three times its scale
 
 
 @torch.no_grad()
@@ -219,13 +220,13 @@ def test_meanfield_variance_depends_on_the_guide(linear_gaussian, seed):
     as E[(m - ELBO)² - (t - ELBO)²] with the exact ELBO; n = 200 pairs sharing z (each draw
     averages 10 particles, which divides both variances by 10); one-sided, k = K_ONE_SIDED.
 
-    - perturbed guide (mean +0.5, scale ×2): Var[m] ≤ Var[t], the analytic KL removes the noise
-      of log q - log p;
+    - a broad guide (exact mean, scale ×3): Var[m] ≤ Var[t], the analytic KL removes the noise
+      of log q - log p (at this guide Var[t] ≈ 385 and Var[m] ≈ 235 per particle);
     - near the exact posterior (mean +0.1, scale ×1.1): Var[t] ≤ Var[m]. The analytic KL is not
       always better: at q = p(z|x) the trace estimate is constant while log p(x|z) is not.
     """
     model, x = linear_gaussian
-    for (loc_shift, scale_factor), meanfield_smaller in ((PERTURBED, True), (NEAR, False)):
+    for (loc_shift, scale_factor), meanfield_smaller in ((BROAD, True), (NEAR, False)):
         perturb_guide(model, loc_shift, scale_factor)
         elbo = model.elbo(x).sum().detach()
         draws = common_random_numbers(
@@ -246,7 +247,7 @@ def test_importance_sampling_between_elbo_and_log_px(linear_gaussian, seed):
 
     - E[IS_K] ≤ E[IS_4K] for each step of the chain (4 paired one-sided tests);
     - E[IS_256] ≤ log p(x) (one-sided);
-    - it approaches log p(x): E[log p(x) - IS_256] ≤ E[log p(x) - IS_1] / 10 (paired one-sided).
+    - it approaches log p(x): E[log p(x) - IS_256] ≤ E[log p(x) - IS_1] / 100 (paired one-sided).
 
     All with k = K_ONE_SIDED. By Jensen, IS_K ≥ the mean of its K log weights on every replicate,
     which is checked exactly.
@@ -267,7 +268,9 @@ def test_importance_sampling_between_elbo_and_log_px(linear_gaussian, seed):
         )
     assert_mc_less_equal(estimates[256], log_px, what="E[IS_256] <= log p(x)")
     assert_mc_less_equal(
-        log_px - estimates[256], (log_px - estimates[1]) / 10, what="gap(IS_256) <= gap(ELBO) / 10"
+        log_px - estimates[256],
+        (log_px - estimates[1]) / 100,
+        what="gap(IS_256) <= gap(ELBO) / 100",
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pyro
 import pytest
 import torch
+from conftest import one_torch_thread
 from pyro import poutine
 from stats import assert_mc_close, assert_mc_less_equal
 from torch.distributions import kl_divergence
@@ -30,12 +31,13 @@ def trained_vae(fashion) -> VAE:
     loss_fn = loss_module(model, ObjectiveConfig("trace"))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = torch.Generator().manual_seed(0)
-    for _ in range(EPOCHS):
-        for images in data.batches(fashion.train.images[:TRAIN_IMAGES], BATCH, order):
-            x = data.to_input(images, "dynamic")
-            (loss_fn(x) / x.shape[0]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    with one_torch_thread():
+        for _ in range(EPOCHS):
+            for images in data.batches(fashion.train.images[:TRAIN_IMAGES], BATCH, order):
+                x = data.to_input(images, "dynamic")
+                (loss_fn(x) / x.shape[0]).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     return model.double().eval()
 
 
