@@ -243,8 +243,9 @@ def pytest_terminal_summary(terminalreporter, config):
     terminalreporter.section("statistical tests")
     write(
         f"budget {stats.BUDGET:g} per full run, split over COMPARISONS = {stats.COMPARISONS} "
-        f"(Bonferroni): α = {stats.ALPHA:.3g}, k = {stats.K_TWO_SIDED:.3f} two-sided, "
-        f"{stats.K_ONE_SIDED:.3f} one-sided"
+        f"(Bonferroni): α = {stats.ALPHA:.3g}; k two-sided {stats.k_two_sided(200):.2f} at "
+        f"n = 200 draws, {stats.k_two_sided(10**6):.2f} as n → ∞; one-sided "
+        f"{stats.k_one_sided(200):.2f}, {stats.k_one_sided(10**6):.2f}"
     )
     outcomes = config.stash[OUTCOMES]
     if not outcomes:

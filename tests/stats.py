@@ -3,15 +3,16 @@
 A Monte Carlo check can fail by chance. The suite allows :data:`BUDGET` (1e-3): the probability
 that one full run of the ``stat`` tests fails somewhere although every estimator is right. By
 Bonferroni, each of the :data:`COMPARISONS` scalar comparisons of the suite gets
-``α = BUDGET / COMPARISONS``, and a comparison passes when its z-score stays within the normal
-critical value ``k``: ``K_TWO_SIDED = Φ⁻¹(1 - α/2)`` for equalities, ``K_ONE_SIDED = Φ⁻¹(1 - α)``
-for inequalities. A comparison is one scalar: an assertion over a tensor of 13 expected values
-makes 13 comparisons.
+``α = BUDGET / COMPARISONS``, and a comparison passes when its studentized mean
+``(mean - expected) / (s/√n)`` stays within the critical value ``k`` of Student's t with ``n - 1``
+degrees of freedom: :func:`k_two_sided` (upper α/2 quantile) for equalities, :func:`k_one_sided`
+(upper α quantile) for inequalities. With ``s`` estimated from the draws, the normal quantile
+would be too small for a few hundred draws (at n = 200 it would spend 1.6 α). A comparison is
+one scalar: an assertion over a tensor of 13 expected values makes 13 comparisons.
 
-Assumptions. The tolerance is ``k · s/√n`` with ``s`` the sample standard deviation over ``n``
-independent draws, so it relies on the sample mean being close to normal at the ``k``-sigma
-tail; the helpers therefore refuse fewer than :data:`MIN_SAMPLES` draws, and tests of skewed
-quantities use many more. Inputs must be float64.
+Assumptions. The draws are independent and their mean is close to normal far into the tail
+(t is exact for normal draws); the helpers refuse fewer than :data:`MIN_SAMPLES` draws, and tests
+of skewed quantities average more of them. Inputs must be float64.
 
 Honest counting. Each ``stat`` test declares ``@pytest.mark.stat(comparisons=N)``. ``conftest.py``
 fails a test that makes a different number of comparisons than it declares, and fails the
@@ -25,9 +26,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from statistics import NormalDist
 
 import torch
+from scipy.stats import t as student_t
 
 BUDGET = 1e-3
 """Allowed probability of a false failure in one full run of the statistical tests."""
@@ -35,9 +36,18 @@ COMPARISONS = 93
 """Scalar comparisons made by all ``stat`` tests together (checked by ``conftest.py``)."""
 ALPHA = BUDGET / COMPARISONS
 """False-positive probability allowed to one comparison (Bonferroni)."""
-K_TWO_SIDED = NormalDist().inv_cdf(1 - ALPHA / 2)
-K_ONE_SIDED = NormalDist().inv_cdf(1 - ALPHA)
 MIN_SAMPLES = 100
+
+
+def k_two_sided(n: int) -> float:
+    """Critical value of an equality test from ``n`` draws: P(|T| > k) = α, T ~ t(n - 1)."""
+    return float(student_t.isf(ALPHA / 2, n - 1))
+
+
+def k_one_sided(n: int) -> float:
+    """Critical value of an inequality test from ``n`` draws: P(T > k) = α, T ~ t(n - 1)."""
+    return float(student_t.isf(ALPHA, n - 1))
+
 
 _made = 0  # comparisons made since the last reset_count(); read by conftest.py
 
@@ -88,14 +98,14 @@ def assert_mc_close(
     :param samples: independent draws of an estimator, the draws along ``dim`` (float64).
     :param expected: the estimand; broadcast against the mean.
     :param dim: the sample axis.
-    :param k: critical value; default :data:`K_TWO_SIDED`, the suite's Bonferroni value.
+    :param k: critical value; default :func:`k_two_sided` of the number of draws.
     :param atol: slack for floating-point round-off only (for estimands whose draws have
         variance zero); never a substitute for ``k``.
     :param what: the estimand, named in the failure message.
     """
     global _made
-    k = K_TWO_SIDED if k is None else k
     mean, stderr, n = _standard_error(samples, dim)
+    k = k_two_sided(n) if k is None else k
     target = torch.as_tensor(expected, dtype=mean.dtype).expand_as(mean)
     ok = (mean - target).abs() <= k * stderr + atol
     _made += ok.numel()
@@ -119,13 +129,13 @@ def assert_mc_less_equal(
     :param lhs: draws of the side that should be smaller (float64).
     :param rhs: paired draws of the side that should be larger, or a constant.
     :param dim: the sample axis.
-    :param k: critical value; default :data:`K_ONE_SIDED`.
+    :param k: critical value; default :func:`k_one_sided` of the number of draws.
     :param what: the inequality, named in the failure message.
     """
     global _made
-    k = K_ONE_SIDED if k is None else k
     difference = lhs - rhs
     mean, stderr, n = _standard_error(difference, dim)
+    k = k_one_sided(n) if k is None else k
     ok = mean <= k * stderr
     _made += ok.numel()
     assert bool(ok.all()), _report(what, ok, mean, torch.zeros_like(mean), stderr, k, n)

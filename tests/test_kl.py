@@ -63,8 +63,8 @@ def test_kl_equals_monte_carlo(seed, loc, scale, dim):
     """Estimand: KL(q ‖ p) = E_q[log q(z) - log p(z)], q = N(z_loc, diag z_scale²), p = N(0, I).
 
     The mean of ``n`` draws of the log ratio must equal ``kl_standard_normal(...).sum()`` within
-    k = K_TWO_SIDED standard errors. The draws are chi-square-like (skewed), so ``n · dim`` is at
-    least 200,000 (and n at least 2,000) to keep the sample mean close to normal at the tail.
+    k = k_two_sided(n) standard errors. The draws are chi-square-like (skewed), so ``n · dim`` is
+    at least 200,000 (and n at least 2,000) to keep the sample mean close to normal at the tail.
     """
     z_loc = torch.full((dim,), loc, dtype=torch.float64)
     z_scale = torch.full((dim,), scale, dtype=torch.float64)
@@ -78,8 +78,8 @@ def test_kl_monte_carlo_variance_shrinks_as_one_over_n(seed):
 
     KL̂_n is the mean of n draws of the log ratio; with the exact KL and the closed-form
     single-draw variance (:func:`log_ratio_variance`) nothing is estimated but the left side.
-    10,000 replicates per n, k = K_TWO_SIDED. Draws that were not independent (a shared ε, say)
-    would leave n · Var KL̂_n growing with n and fail.
+    10,000 replicates per n, k = k_two_sided(10,000). Draws that were not independent (a shared
+    ε, say) would leave n · Var KL̂_n growing with n and fail.
     """
     gen = torch.Generator().manual_seed(2)
     z_loc = torch.randn(16, generator=gen, dtype=torch.float64)

@@ -178,7 +178,8 @@ def test_log_likelihood_replays_log_weights(linear_gaussian, seed):
 
 @pytest.mark.stat(comparisons=1)
 def test_meanfield_at_exact_posterior_is_unbiased(linear_gaussian, seed):
-    """Estimand: E[TraceMeanField_ELBO draw] = log p(x) when q = p(z|x); k = K_TWO_SIDED, n = 200.
+    """Estimand: E[TraceMeanField_ELBO draw] = log p(x) when q = p(z|x); n = 200 draws,
+    k = k_two_sided(200).
 
     Unlike Trace_ELBO, the mean-field estimate log p(x|z) - KL(q ‖ p(z)) is not constant in z
     even at the exact posterior (only log p(x|z) + log p(z) - log q(z) is), so here it is exact
@@ -195,9 +196,9 @@ def test_perturbed_guide_trace_and_meanfield(linear_gaussian, seed):
     """Estimands, for a perturbed guide (mean +0.5, scale ×2), from n = 300 paired draws of
     Trace_ELBO (t) and TraceMeanField_ELBO (m) sharing z (10 particles each):
 
-    - E[t] = ELBO and E[m] = ELBO (closed form), k = K_TWO_SIDED;
-    - E[t - m] = 0 (the paired version, much tighter), k = K_TWO_SIDED;
-    - E[t] ≤ log p(x), one-sided, k = K_ONE_SIDED.
+    - E[t] = ELBO and E[m] = ELBO (closed form), k = k_two_sided(300);
+    - E[t - m] = 0 (the paired version, much tighter), k = k_two_sided(300);
+    - E[t] ≤ log p(x), one-sided, k = k_one_sided(300).
     """
     model, x = linear_gaussian
     perturb_guide(model, *PERTURBED)
@@ -218,7 +219,7 @@ def test_perturbed_guide_trace_and_meanfield(linear_gaussian, seed):
 def test_meanfield_variance_depends_on_the_guide(linear_gaussian, seed):
     """Estimands: Var[m] - Var[t] for Trace_ELBO (t) and TraceMeanField_ELBO (m) draws, written
     as E[(m - ELBO)² - (t - ELBO)²] with the exact ELBO; n = 200 pairs sharing z (each draw
-    averages 10 particles, which divides both variances by 10); one-sided, k = K_ONE_SIDED.
+    averages 10 particles, which divides both variances by 10); one-sided, k = k_one_sided(200).
 
     - a broad guide (exact mean, scale ×3): Var[m] ≤ Var[t], the analytic KL removes the noise
       of log q - log p (at this guide Var[t] ≈ 385 and Var[m] ≈ 235 per particle);
@@ -249,8 +250,8 @@ def test_importance_sampling_between_elbo_and_log_px(linear_gaussian, seed):
     - E[IS_256] ≤ log p(x) (one-sided);
     - it approaches log p(x): E[log p(x) - IS_256] ≤ E[log p(x) - IS_1] / 100 (paired one-sided).
 
-    All with k = K_ONE_SIDED. By Jensen, IS_K ≥ the mean of its K log weights on every replicate,
-    which is checked exactly.
+    All with k = k_one_sided(1000). By Jensen, IS_K ≥ the mean of its K log weights on every
+    replicate, which is checked exactly.
     """
     model, x = linear_gaussian
     perturb_guide(model, *PERTURBED)
@@ -295,7 +296,7 @@ def test_reparameterized_gradient_is_unbiased(linear_gaussian, seed):
     entries) for the perturbed guide; the mean of n = 200 gradients (10 particles each) of
     Trace_ELBO and of TraceMeanField_ELBO (sharing z) must match the exact gradient, the
     autograd gradient of the closed-form ELBO :meth:`LinearGaussian.elbo` (no sampling).
-    2 × 24 comparisons, k = K_TWO_SIDED. A detached sample, a dropped path through L or a
+    2 × 24 comparisons, k = k_two_sided(200). A detached sample, a dropped path through L or a
     sign error would show up here.
     """
     model, x = linear_gaussian

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 
 import pytest
 import stats
 import torch
 from conftest import binomial_upper_bound, parse_seeds
+from scipy.stats import t as student_t
 
 
 def test_critical_values_spend_the_budget():
-    """P(|Z| > k) = α two-sided and P(Z > k) = α one-sided, with α = BUDGET / COMPARISONS."""
+    """P(|T| > k) = α two-sided, P(T > k) = α one-sided, α = BUDGET / COMPARISONS; T ~ t(n - 1)
+    tends to the normal, so k decreases with n towards the normal quantile."""
     assert stats.ALPHA * stats.COMPARISONS == pytest.approx(stats.BUDGET)
-    assert math.erfc(stats.K_TWO_SIDED / math.sqrt(2)) == pytest.approx(stats.ALPHA, rel=1e-9)
-    assert math.erfc(stats.K_ONE_SIDED / math.sqrt(2)) / 2 == pytest.approx(stats.ALPHA, rel=1e-9)
+    for n in (100, 1000):
+        assert 2 * student_t.sf(stats.k_two_sided(n), n - 1) == pytest.approx(stats.ALPHA)
+        assert student_t.sf(stats.k_one_sided(n), n - 1) == pytest.approx(stats.ALPHA)
+    normal_two_sided = NormalDist().inv_cdf(1 - stats.ALPHA / 2)
+    assert stats.k_two_sided(100) > stats.k_two_sided(1000) > normal_two_sided
+    assert stats.k_two_sided(10**7) == pytest.approx(normal_two_sided, rel=1e-5)
 
 
 def test_assert_mc_close_passes_and_fails_where_it_should():
@@ -22,9 +29,9 @@ def test_assert_mc_close_passes_and_fails_where_it_should():
     stderr = draws.std().item() / math.sqrt(101)
     before = stats.comparisons_made()
     stats.assert_mc_close(draws, 0.0)
-    stats.assert_mc_close(draws, 0.99 * stats.K_TWO_SIDED * stderr)
+    stats.assert_mc_close(draws, 0.99 * stats.k_two_sided(101) * stderr)
     with pytest.raises(AssertionError, match="outside"):
-        stats.assert_mc_close(draws, 1.01 * stats.K_TWO_SIDED * stderr)
+        stats.assert_mc_close(draws, 1.01 * stats.k_two_sided(101) * stderr)
     with pytest.raises(AssertionError, match="1 of 2"):
         stats.assert_mc_close(torch.stack([draws, draws + 1], 1), torch.zeros(2))
     assert stats.comparisons_made() - before == 5
@@ -34,9 +41,9 @@ def test_assert_mc_less_equal_is_one_sided():
     difference = torch.linspace(-1, 1, 101, dtype=torch.float64)
     stderr = difference.std().item() / math.sqrt(101)
     stats.assert_mc_less_equal(difference - 100.0)
-    stats.assert_mc_less_equal(difference + 0.99 * stats.K_ONE_SIDED * stderr)
+    stats.assert_mc_less_equal(difference + 0.99 * stats.k_one_sided(101) * stderr)
     with pytest.raises(AssertionError, match="outside"):
-        stats.assert_mc_less_equal(difference + 1.01 * stats.K_ONE_SIDED * stderr)
+        stats.assert_mc_less_equal(difference + 1.01 * stats.k_one_sided(101) * stderr)
     with pytest.raises(AssertionError):
         stats.assert_mc_less_equal(difference, -1.0)  # E[lhs] = 0 > -1 = rhs
 

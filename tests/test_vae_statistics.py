@@ -52,7 +52,7 @@ def test_vae_monte_carlo_kl_matches_analytic(trained_vae, test_images, seed):
     """Estimand: Σ_b KL(q(z|x_b) ‖ p(z)) over a real batch of 50 test images, for 4 batches;
     the mean of n = 2000 draws of Σ_b [log q(z_b|x_b) - log p(z_b)], with q the trained guide
     and p the model's prior site, must equal the library's ``kl_standard_normal`` summed;
-    k = K_TWO_SIDED. The KL that TraceMeanField_ELBO takes from the same two sites must equal
+    k = k_two_sided(2000). The KL that TraceMeanField_ELBO takes from the same two sites must equal
     ``kl_standard_normal`` exactly (per image).
     """
     for x in data.batches(test_images, 50):
@@ -75,7 +75,7 @@ def test_vae_importance_sampling_above_elbo(trained_vae, test_images, seed):
     """Estimand: E[ELBO draw] - E[IS_32] over 8 real test images (summed), where IS_32 is the
     evaluation's importance-sampled log p(x) with 32 draws and the ELBO draw is the single-draw
     log weight of the first of those draws (common random numbers); n = 128 replicates,
-    one-sided (≤ 0), k = K_ONE_SIDED. The replay of the evaluation's draws is checked exactly.
+    one-sided (≤ 0), k = k_one_sided(128). The replay of the evaluation's draws is checked exactly.
     """
     replicates, k, rows = 128, 32, 256
     x = test_images[:8].repeat(replicates, 1)
