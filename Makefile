@@ -36,6 +36,12 @@ test: setup data lint
 test-slow: setup data
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# Rerun the fast statistical tests once per seed and print the observed failure rate next to
+# the budget of tests/stats.py (about 11 s per seed on one core).
+STAT_SEEDS ?= 0-199
+test-stat-sweep: setup data
+	$(BIN)/python -m pytest --stat-seeds $(STAT_SEEDS) -m "stat and not slow" $(PYTEST_ARGS)
+
 lint: setup
 	$(BIN)/ruff check ppl_vae tests benchmarks
 

@@ -72,3 +72,16 @@ def log_weights(
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """log (1/K) Σ_k exp(log_w_k) along ``dim``, computed stably."""
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
+
+
+def kl_standard_normal(z_loc: torch.Tensor, z_scale: torch.Tensor) -> torch.Tensor:
+    """KL(N(z_loc, diag z_scale²) ‖ N(0, I)) per latent dimension, in closed form.
+
+    Each coordinate contributes ``(z_scale² + z_loc² - 1) / 2 - log z_scale``; the result has the
+    broadcast shape of the arguments, so ``.sum(-1)`` is the KL of the whole latent and the
+    unsummed values are the KL per dimension (used for active units). Assumes ``z_scale > 0``.
+
+    :param torch.Tensor z_loc: means of the diagonal Gaussian.
+    :param torch.Tensor z_scale: standard deviations (not variances, not logs).
+    """
+    return 0.5 * (z_scale.square() + z_loc.square() - 1) - torch.log(z_scale)

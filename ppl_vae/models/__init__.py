@@ -11,6 +11,7 @@ from typing import Any
 from ppl_vae.errors import ConfigError
 from ppl_vae.models.ae import AE, AEConfig
 from ppl_vae.models.base import LatentVariableModel, ModelConfig
+from ppl_vae.models.linear import LinearGaussian, LinearGaussianConfig
 from ppl_vae.models.vae import VAE, VAEConfig
 from ppl_vae.models.vqvae import VQVAE, VQVAEConfig
 
@@ -18,6 +19,7 @@ REGISTRY: dict[str, tuple[type[ModelConfig], type[LatentVariableModel]]] = {
     VAEConfig.kind: (VAEConfig, VAE),
     AEConfig.kind: (AEConfig, AE),
     VQVAEConfig.kind: (VQVAEConfig, VQVAE),
+    LinearGaussianConfig.kind: (LinearGaussianConfig, LinearGaussian),
 }
 
 
