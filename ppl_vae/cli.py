@@ -205,30 +205,82 @@ def cmd_evaluate(argv: list[str]) -> int:
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)"
     )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate the first N images of the split only (default: 0, all)",
+    )
+    parser.add_argument(
+        "--reference-vae",
+        type=Path,
+        metavar="RUN_DIR",
+        help="a VAE run folder under which -log p of this model's samples is estimated "
+        "(e.g. for an AE, which has no likelihood of its own)",
+    )
+    from ppl_vae.evaluate import EVALUATE_K
+
     defaults = EvalConfig()
     docs = field_docs(EvalConfig)
     for f in dataclasses.fields(EvalConfig):
+        default = EVALUATE_K if f.name == "k" else f"the run's, else {getattr(defaults, f.name)}"
         parser.add_argument(
             f"--{f.name}".replace("_", "-"),
             type=int,
             default=None,
-            help=f"{docs[f.name]} (default: the run's, else {getattr(defaults, f.name)})",
+            help=f"{docs[f.name]} (default: {default})",
         )
     args = parser.parse_args(argv)
+    if args.images < 0:
+        parser.error(f"argument --images: must be >= 0 (got {args.images})")
     from ppl_vae import evaluate, runs
 
     saved = runs.read_config(args.run_dir).eval
-    eval_cfg = replace(
-        saved,
-        **{
-            f.name: getattr(args, f.name)
-            for f in dataclasses.fields(EvalConfig)
-            if getattr(args, f.name)
-        },
+    if args.reference_vae is not None:
+        runs.read_config(args.reference_vae)  # a missing folder is a one-line error
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(EvalConfig)
+        if getattr(args, f.name) is not None
+    }
+    eval_cfg = replace(saved, **{"k": EVALUATE_K, **given})
+    results = evaluate.evaluate_run(
+        args.run_dir,
+        eval_cfg,
+        split=args.split,
+        device=args.device,
+        images=args.images,
+        reference_dir=args.reference_vae,
     )
-    results = evaluate.evaluate_run(args.run_dir, eval_cfg, split=args.split, device=args.device)
     _print_results(results)
     print(f"written: {Path(args.run_dir) / evaluate.EVAL_JSON}")
+    return 0
+
+
+def cmd_diagnose(argv: list[str]) -> int:
+    from ppl_vae.diagnostics import DiagnoseConfig
+
+    parser = Parser(
+        prog=f"{PROG} diagnose",
+        description="Diagnose the guide of a run folder on test images: PSIS k-hat of the "
+        "importance weights, amortization and approximation gaps, NUTS posteriors against "
+        "q(z|x) and q*(z|x). Writes RUN_DIR/diagnostics.json, InferenceData (.nc) and figures.",
+        epilog="Example: ppl-vae diagnose runs/vae --images 200 --nuts-images 2",
+    )
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by train")
+    parser.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)"
+    )
+    add_config_flags(parser, DiagnoseConfig())
+    args = parser.parse_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k not in ("run_dir", "device")}
+    cfg = apply_flags(DiagnoseConfig(), flags)
+    from ppl_vae import diagnostics
+
+    results = diagnostics.diagnose_run(args.run_dir, cfg, device=args.device)
+    print("\n".join(diagnostics.format_diagnostics(results)))
+    print(f"written: {Path(args.run_dir) / diagnostics.DIAGNOSTICS_JSON}")
     return 0
 
 
@@ -270,7 +322,8 @@ def cmd_sample(argv: list[str]) -> int:
 def cmd_report(argv: list[str]) -> int:
     parser = Parser(
         prog=f"{PROG} report",
-        description="Draw the figures of a run folder and assemble RUN_DIR/report.md.",
+        description="Draw the figures of a run folder and assemble RUN_DIR/report.md and a "
+        "self-contained RUN_DIR/report.html (images embedded).",
     )
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a folder written by train")
     parser.add_argument(
@@ -279,15 +332,17 @@ def cmd_report(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from ppl_vae import report
 
-    print(f"written: {report.build_report(args.run_dir, device=args.device)}")
+    path = report.build_report(args.run_dir, device=args.device)
+    print(f"written: {path} and {path.with_suffix('.html')}")
     return 0
 
 
 COMMANDS = {
     "train": (cmd_train, "train a model with SVI and write its run folder"),
     "evaluate": (cmd_evaluate, "test -ELBO and importance-sampled log p(x) of a run folder"),
+    "diagnose": (cmd_diagnose, "PSIS k-hat, amortization/approximation gaps, NUTS of a run"),
     "sample": (cmd_sample, "save a grid of prior samples of a run folder"),
-    "report": (cmd_report, "draw the figures and write report.md of a run folder"),
+    "report": (cmd_report, "draw the figures, write report.md and report.html of a run folder"),
 }
 
 

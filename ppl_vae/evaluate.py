@@ -17,9 +17,15 @@ from tqdm.auto import tqdm
 
 from ppl_vae import data, runs
 from ppl_vae.config import EvalConfig, ObjectiveConfig
-from ppl_vae.objectives import log_weights, loss_module
+from ppl_vae.errors import RunDirError
+from ppl_vae.objectives import kl_standard_normal, log_weights, loss_module
 
 EVAL_JSON = "eval.json"
+EVALUATE_K = 5000
+"""Importance samples per image of ``ppl-vae evaluate`` (training's final evaluation uses the
+run's ``--eval.k``)."""
+ACTIVE_THRESHOLD = 0.01
+"""Burda et al. (2015): a unit is active when the variance of its posterior mean exceeds this."""
 
 
 @torch.no_grad()
@@ -81,10 +87,15 @@ LABELS: dict[str, str] = {
     "neg_log_joint": "training objective at the code, -log p(x, z = encoder(x)) (nats/image)",
     "aggregate_kl_to_prior": "KL(N(mean, cov of z ~ q(z|x) over the data) || N(0, I)) (nats)",
     "aggregate_sq_norm_per_dim": "mean |z|² / dim of z ~ q(z|x) over the data (1 under N(0, I))",
+    "active_units": "active units: Cov_x(E_q[z_i]) > 0.01 (Burda et al. 2015)",
+    "kl_sum": "KL(q(z|x) || p(z)), analytic, summed over dimensions (nats/image)",
+    "reference_nll_of_samples": "-log p(samples) under the reference VAE (nats/image)",
+    "reference_nll_of_data": "-log p(x) of these test images under the reference VAE",
     "kl_constant": "KL = positions · log K, a constant (nats/image)",
     "vq_neg_elbo": "-ELBO = reconstruction -log p(x|z_q) + positions · log K (nats/image)",
     "perplexity": "codebook perplexity exp(H(code usage)) on these images",
     "codebook_usage": "fraction of codes used on these images",
+    "dead_codes": "dead codes: codes no test image uses",
     "code_prior_nll": "code prior -log p(codes) (nats/image)",
     "code_prior_bits_per_position": "code prior, bits per code position (uniform: log2 K)",
     "uniform_bits_per_position": "uniform code prior, bits per code position (log2 K)",
@@ -101,6 +112,12 @@ def format_results(results: dict[str, Any]) -> list[str]:
             extra = ""
             if key == "nll_is":
                 extra = f" ± {results['nll_is_stderr']:.2f} (k={results['k']})"
+            if key == "reference_nll_of_samples":
+                extra = (
+                    f" ± {results[key + '_stderr']:.2f} ({results['reference_samples']} samples)"
+                )
+            if key == "active_units" and "posterior_mean_variance" in results:
+                extra = f" of {len(results['posterior_mean_variance'])}"
             lines.append(f"  {label}: {results[key]:.4g}{extra}")
     lines += [f"  note: {note}" for note in results.get("notes", [])]
     return lines
@@ -167,6 +184,70 @@ def density_guide_metrics(
         "k": eval_cfg.k,
         "bits_per_dim": nll / (inputs.shape[1] * math.log(2)),
         **reconstruction_metrics(model, inputs, eval_cfg.batch_size),
+        **active_units(model, inputs, eval_cfg.batch_size),
+    }
+
+
+@torch.no_grad()
+def active_units(
+    model, inputs: torch.Tensor, batch_size: int = 500, threshold: float = ACTIVE_THRESHOLD
+) -> dict[str, Any]:
+    """Active units (Burda et al. 2015, sec. 5.2): dimension i of z is active when
+    Cov_x(E_q[z_i|x]) > ``threshold``, the variance over the data of its posterior mean.
+
+    Uses :meth:`encode` (the posterior mean for Gaussian guides, the code for point masses) in
+    float64; a unit that does not vary with x carries no information about x.
+
+    :returns: ``active_units`` (count), ``posterior_mean_variance`` (one value per dimension).
+    """
+    z_loc = torch.cat([model.encode(x).flatten(1) for x in data.batches(inputs, batch_size)])
+    variance = z_loc.double().var(0)
+    return {
+        "active_units": int((variance > threshold).sum()),
+        "posterior_mean_variance": variance.tolist(),
+    }
+
+
+@torch.no_grad()
+def kl_per_dimension(z_loc_scale, inputs: torch.Tensor, batch_size: int = 500) -> dict[str, Any]:
+    """Mean analytic KL(q(z_i|x) || N(0, 1)) per latent dimension over ``inputs``.
+
+    For diagonal Gaussian guides: ``z_loc_scale(x)`` returns ``(z_loc, z_scale)``; the KL of
+    each coordinate is :func:`ppl_vae.objectives.kl_standard_normal`.
+
+    :returns: ``kl_per_dim`` (list, nats) and ``kl_sum`` (their total).
+    """
+    total = None
+    for x in data.batches(inputs, batch_size):
+        z_loc, z_scale = z_loc_scale(x)
+        kl = kl_standard_normal(z_loc.double(), z_scale.double()).sum(0)
+        total = kl if total is None else total + kl
+    kl = total / inputs.shape[0]
+    return {"kl_per_dim": kl.tolist(), "kl_sum": kl.sum().item()}
+
+
+@torch.no_grad()
+def reference_metrics(
+    model, reference, inputs: torch.Tensor, eval_cfg: EvalConfig, binary: bool,
+    n: int = 1000, progress: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """-log p under a reference density model (a trained VAE) of ``n`` samples of ``model``
+    and, for scale, of the first ``n`` test images.
+
+    A sample is the mean image of p(x|z), z ~ p(z) (``model.sample``); for a binary reference
+    likelihood it is binarized by one Bernoulli draw per pixel, as the test images are. Each
+    -log p is importance sampled with the reference's guide and ``eval_cfg.k`` draws.
+    """
+    means = torch.cat([model.sample(min(500, n - i)) for i in range(0, n, 500)])
+    samples = torch.bernoulli(means.clamp(0, 1)) if binary else means
+    args = (eval_cfg.k, eval_cfg.batch_size, eval_cfg.particle_chunk, progress)
+    nll_samples = -log_likelihood(reference, samples, *args)
+    nll_data = -log_likelihood(reference, inputs[:n], *args)
+    return {
+        "reference_nll_of_samples": nll_samples.mean().item(),
+        "reference_nll_of_samples_stderr": (nll_samples.std() / math.sqrt(n)).item(),
+        "reference_nll_of_data": nll_data.mean().item(),
+        "reference_samples": n,
     }
 
 
@@ -185,23 +266,48 @@ def evaluate_run(
     device: str = "auto",
     progress: bool = True,
     dataset: data.Dataset | None = None,
+    images: int = 0,
+    reference_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run folder's model on ``split`` and write the numbers to ``eval.json``.
 
     Which numbers depends on the model (its ``evaluation_metrics``): a density guide gets the
     -ELBO and importance-sampled log p(x); point-mass guides (AE, VQ-VAE) get reconstruction
-    errors and their own constants, with a note saying why.
+    errors and their own constants, with a note saying why. ``images`` > 0 evaluates the
+    first ``images`` images of the split only. ``reference_dir``: a run folder of a density
+    model (a VAE) under which the model's samples are scored (:func:`reference_metrics`).
     """
     torch_device = data.resolve_device(device)
     cfg, model, checkpoint = runs.load_model(run_dir, torch_device)
     eval_cfg = eval_cfg or cfg.eval
     dataset = dataset or data.load(cfg.data, torch_device)
     inputs = data.eval_inputs(getattr(dataset, split), cfg.data.binarization)
+    if images:
+        inputs = inputs[:images]
     results = {
         "split": split,
         "images": inputs.shape[0],
         "epoch": checkpoint["epoch"],
         **model.evaluation_metrics(inputs, eval_cfg, progress),
     }
+    if reference_dir is not None:
+        ref_cfg, reference, _ = runs.load_model(reference_dir, torch_device)
+        if ref_cfg.data.binarization != cfg.data.binarization:
+            raise RunDirError(
+                f"{reference_dir}: the reference was trained with --data.binarization "
+                f"{ref_cfg.data.binarization}, this run with {cfg.data.binarization}"
+            )
+        results["reference"] = str(reference_dir)
+        results.update(
+            reference_metrics(
+                model,
+                reference,
+                inputs,
+                eval_cfg,
+                cfg.data.binarization != "none",
+                min(1000, inputs.shape[0]),
+                progress,
+            )  # fmt: skip
+        )
     (Path(run_dir) / EVAL_JSON).write_text(json.dumps(results, indent=2) + "\n")
     return results

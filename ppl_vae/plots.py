@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import save_image
 
@@ -60,5 +61,160 @@ def curves_figure(metrics: list[dict[str, float]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+# ============================================================================= evaluation and
+# diagnostics figures (issue 6): interpolations, traversals, latent map, k̂, posterior pairs
+
+INTERPOLATIONS = "interpolations.png"
+TRAVERSALS = "traversals.png"
+LATENT_MAP = "latent_map.png"
+MANIFOLD = "manifold.png"
+KHAT = "khat.png"
+POSTERIOR_PAIRS = "posterior_pairs.png"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def slerp(z_start: torch.Tensor, z_end: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between rows of ``z_start`` and ``z_end`` at fractions ``t``.
+
+    Follows the great circle between the two directions while the norm moves linearly (White
+    2016, *Sampling generative networks*), which keeps interpolants at the typical radius of a
+    Gaussian prior; falls back to linear interpolation for (nearly) parallel endpoints.
+    Returns ``(len(t), B, *z.shape[1:])``.
+    """
+    a, b = z_start.flatten(1), z_end.flatten(1)
+    a_norm, b_norm = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    cos = ((a / a_norm) * (b / b_norm)).sum(1, keepdim=True).clamp(-1, 1)
+    omega = torch.acos(cos)
+    t = t.reshape(-1, 1, 1).to(a)
+    sin = torch.sin(omega)
+    spherical = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / sin.clamp(min=1e-8)
+    linear = (1 - t) * a + t * b
+    out = torch.where(sin.abs() < 1e-6, linear, spherical)
+    return out.reshape(len(t), *z_start.shape)
+
+
+@torch.no_grad()
+def interpolations_figure(
+    model, x_start: torch.Tensor, x_end: torch.Tensor, path: Path,
+    image_shape: tuple[int, int, int], steps: int = 10,
+) -> Path:  # fmt: skip
+    """Per pair of test images: a row of linear, then a row of spherical interpolations between
+    their codes encode(x), decoded; the originals at both ends of each row."""
+    z_start, z_end = model.encode(x_start), model.encode(x_end)
+    t = torch.linspace(0, 1, steps, device=z_start.device)
+    linear = torch.stack([(1 - s) * z_start + s * z_end for s in t])
+    spherical = slerp(z_start, z_end, t)
+    rows = []
+    for i in range(x_start.shape[0]):
+        for path_z in (linear, spherical):
+            decoded = model.decode(path_z[:, i])
+            rows.append(torch.cat([x_start[i : i + 1], decoded, x_end[i : i + 1]]))
+    return save_grid(torch.cat(rows), path, image_shape, nrow=steps + 2)
+
+
+@torch.no_grad()
+def traversals_figure(
+    model, x: torch.Tensor, dims: list[int], path: Path, image_shape: tuple[int, int, int],
+    span: float = 3.0, steps: int = 9,
+) -> Path:  # fmt: skip
+    """One row per latent dimension in ``dims`` (e.g. sorted by KL): the code encode(x) of one
+    image with that coordinate set to ``steps`` values in [−span, span], decoded."""
+    z = model.encode(x[:1])[0]
+    values = torch.linspace(-span, span, steps, device=z.device)
+    rows = []
+    for d in dims:
+        zs = z.expand(steps, -1).clone()
+        zs[:, d] = values
+        rows.append(model.decode(zs))
+    return save_grid(torch.cat(rows), path, image_shape, nrow=steps)
+
+
+@torch.no_grad()
+def latent_map_figure(model, x: torch.Tensor, labels: torch.Tensor, path: Path) -> Path:
+    """Scatter of the 2-D codes encode(x) colored by class label (z_dim = 2 only)."""
+    plt = _pyplot()
+    z = torch.cat([model.encode(b) for b in x.split(500)]).cpu()
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=100)
+    points = ax.scatter(z[:, 0], z[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.7)
+    fig.colorbar(points, ax=ax, label="label")
+    ax.set_xlabel("z₁ (posterior mean)")
+    ax.set_ylabel("z₂ (posterior mean)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+@torch.no_grad()
+def manifold_figure(
+    model, path: Path, image_shape: tuple[int, int, int], n: int = 15, span: float = 0.95
+) -> Path:
+    """Decoded images on an n × n grid of z at the Gaussian quantiles in [1 − span, span]
+    of each axis (z_dim = 2 only; Kingma & Welling 2014, fig. 4)."""
+    quantiles = torch.linspace(1 - span, span, n, dtype=torch.float64)
+    axis = torch.distributions.Normal(0.0, 1.0).icdf(quantiles).float()
+    z2, z1 = torch.meshgrid(axis.flip(0), axis, indexing="ij")
+    z = torch.stack([z1.flatten(), z2.flatten()], 1).to(model.device)
+    return save_grid(model.decode(z), path, image_shape, nrow=n)
+
+
+def khat_figure(khat: torch.Tensor, path: Path) -> Path:
+    """Histogram of per-image PSIS k̂, with the 0.5 and 0.7 thresholds of Yao et al. (2018)."""
+    plt = _pyplot()
+    values = khat.clamp(min=-1.0).numpy()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    ax.hist(values, bins=40, color="tab:blue", alpha=0.8)
+    for threshold, color in ((0.5, "tab:orange"), (0.7, "tab:red")):
+        ax.axvline(threshold, color=color, linestyle="--", label=f"k̂ = {threshold}")
+    share = float((khat > 0.7).double().mean())
+    ax.set_title(f"PSIS k̂ per test image: {100 * share:.1f}% above 0.7")
+    ax.set_xlabel("k̂")
+    ax.set_ylabel("images")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def posterior_pairs_figure(idata: dict, path: Path, point: int = 0, dims: int = 3) -> Path:
+    """arviz pair plot of the first ``dims`` latent dimensions of one test image: NUTS draws
+    with q(z|x) and q*(z|x) draws overlaid."""
+    import warnings
+
+    plt = _pyplot()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        import arviz as az
+
+    colors = {"nuts": "black", "amortized": "tab:blue", "local": "tab:orange"}
+    names = {"nuts": "NUTS", "amortized": "q(z|x)", "local": "q*(z|x)"}
+    z_dim = idata["nuts"].posterior["z"].sizes["z_dim"]
+    coords = {"point": [point], "z_dim": list(range(min(dims, z_dim)))}
+    ax = None
+    for name, item in idata.items():
+        ax = az.plot_pair(
+            item, var_names=["z"], coords=coords, ax=ax, figsize=(6, 6),
+            scatter_kwargs={"color": colors[name], "alpha": 0.3, "s": 4, "label": names[name]},
+        )  # fmt: skip
+    fig = np.ravel(ax)[0].figure if hasattr(ax, "__len__") else ax.figure
+    handles = [
+        plt.Line2D([], [], marker="o", ls="", color=colors[n], label=names[n]) for n in idata
+    ]
+    fig.legend(handles=handles, loc="upper right")
+    fig.suptitle(f"p(z|x) of test image {point}: NUTS against the guides")
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)

@@ -12,12 +12,15 @@ from ppl_vae.config import to_dict
 from ppl_vae.evaluate import EVAL_JSON, LABELS
 
 REPORT = "report.md"
+REPORT_HTML = "report.html"
 DEFAULT_SAMPLES_CAPTION = "Prior samples (mean of p(x|z), z ~ p(z))"
 COMMON_METRICS = ("epoch", "train_neg_elbo", "val_neg_elbo", "lr", "seconds", "images_per_s")
 
 
 def write_figures(run_dir: Path, model, dataset: data.Dataset, binarization: str, seed: int = 0):
-    """samples.png, reconstructions.png and curves.png in ``run_dir`` (fixed seed, test images)."""
+    """samples.png, reconstructions.png, curves.png and the latent-space figures in ``run_dir``
+    (fixed seed, test images): interpolations.png always; traversals.png when z is a vector;
+    latent_map.png and manifold.png when z has two dimensions."""
     shape = data.IMAGE_SHAPE[dataset.name]
     torch.manual_seed(seed)
     plots.samples_figure(model, run_dir / plots.SAMPLES, shape)
@@ -26,6 +29,38 @@ def write_figures(run_dir: Path, model, dataset: data.Dataset, binarization: str
     metrics = runs.read_metrics(run_dir)
     if metrics:
         plots.curves_figure(metrics, run_dir / plots.CURVES)
+    write_latent_figures(run_dir, model, dataset, binarization)
+
+
+def traversal_order(run_dir: Path, z_dim: int) -> list[int]:
+    """Latent dimensions by decreasing KL per dimension (eval.json), else by decreasing variance
+    of the posterior mean, else in index order."""
+    eval_path = Path(run_dir) / EVAL_JSON
+    ev = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+    for key in ("kl_per_dim", "posterior_mean_variance"):
+        if len(ev.get(key, [])) == z_dim:
+            return sorted(range(z_dim), key=lambda i: -ev[key][i])
+    return list(range(z_dim))
+
+
+def write_latent_figures(
+    run_dir: Path, model, dataset: data.Dataset, binarization: str, max_traversals: int = 10
+) -> None:
+    """Interpolations between test images, traversals of the first ``max_traversals``
+    dimensions by KL, and for z_dim = 2 the latent map and the decoded manifold."""
+    shape = data.IMAGE_SHAPE[dataset.name]
+    x = data.eval_inputs(dataset.test, binarization)
+    plots.interpolations_figure(model, x[0:3], x[3:6], run_dir / plots.INTERPOLATIONS, shape)
+    z = model.encode(x[:1])
+    if z.dim() != 2:
+        return
+    z_dim = z.shape[1]
+    dims = traversal_order(run_dir, z_dim)[:max_traversals]
+    plots.traversals_figure(model, x, dims, run_dir / plots.TRAVERSALS, shape)
+    if z_dim == 2:
+        n = min(5000, x.shape[0])
+        plots.latent_map_figure(model, x[:n], dataset.test.labels[:n], run_dir / plots.LATENT_MAP)
+        plots.manifold_figure(model, run_dir / plots.MANIFOLD, shape)
 
 
 def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) -> Path:
@@ -68,6 +103,8 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
             ]
         lines += [f"Note: {note}." for note in ev.get("notes", [])]
         lines.append("")
+        lines += latent_units_section(ev)
+    lines += diagnostics_section(run_dir)
     if metrics:
         total = sum(r["seconds"] for r in metrics)
         # model-specific columns (codebook perplexity, KL weight, ...) follow the common ones
@@ -102,6 +139,7 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
         "",
         f"![reconstructions]({plots.RECONSTRUCTIONS})",
         "",
+        *latent_figures_section(run_dir),
         "## Config",
         "",
         "```json",
@@ -111,6 +149,7 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
     ]
     path = run_dir / REPORT
     path.write_text("\n".join(lines))
+    (run_dir / REPORT_HTML).write_text(markdown_to_html("\n".join(lines), run_dir))
     return path
 
 
@@ -122,3 +161,185 @@ def build_report(run_dir: Path, device: str = "auto", dataset: data.Dataset | No
     dataset = dataset or data.load(cfg.data, torch_device)
     write_figures(Path(run_dir), model, dataset, cfg.data.binarization, cfg.train.seed)
     return write_report(run_dir, model.samples_caption())
+
+
+# ----------------------------------------------------------------------------- evaluation and
+# diagnostics sections (issue 6), and the self-contained HTML version of report.md
+
+
+def latent_units_section(ev: dict) -> list[str]:
+    """Active units and the KL per dimension (largest first) of eval.json, when present."""
+    if "posterior_mean_variance" not in ev:
+        return []
+    variance = ev["posterior_mean_variance"]
+    lines = [
+        "### Latent units",
+        "",
+        f"{ev['active_units']} of {len(variance)} units are active (variance over the test "
+        f"images of the posterior mean above 0.01; Burda et al. 2015).",
+        "",
+    ]
+    if "kl_per_dim" in ev:
+        kl = ev["kl_per_dim"]
+        order = sorted(range(len(kl)), key=lambda i: -kl[i])
+        lines += [
+            "| dimension (by KL) | " + " | ".join(str(i) for i in order) + " |",
+            "|---|" + "---|" * len(order),
+            "| KL (nats) | " + " | ".join(f"{kl[i]:.2f}" for i in order) + " |",
+            "| Var_x E_q[z_i] | " + " | ".join(f"{variance[i]:.2f}" for i in order) + " |",
+            "",
+        ]
+    return lines
+
+
+def diagnostics_section(run_dir: Path) -> list[str]:
+    """The numbers of diagnostics.json (``ppl-vae diagnose``) with their figures."""
+    from ppl_vae.diagnostics import DIAGNOSTIC_LABELS, DIAGNOSTICS_JSON
+
+    path = Path(run_dir) / DIAGNOSTICS_JSON
+    if not path.exists():
+        return []
+    diag = json.loads(path.read_text())
+    lines = [
+        "## Diagnostics of the guide",
+        "",
+        f"PSIS k̂ of the importance weights p(x, z)/q(z|x) on {diag['images']} test images "
+        f"(k = {diag['k']} draws each; Yao et al. 2018: k̂ > 0.7 means the importance-sampled "
+        f"estimate is unreliable); gaps (Cremer et al. 2018) on {diag['gap_images']} images, "
+        f"q* fitted per image by {diag['config']['local_steps']} Adam steps with the decoder "
+        "frozen.",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+    ]
+    for key, label in DIAGNOSTIC_LABELS.items():
+        if key in diag:
+            value = f"{diag[key]:.4g}"
+            if f"{key}_stderr" in diag:
+                value = f"{diag[key]:.3g} ± {diag[key + '_stderr']:.2g}"
+            lines.append(f"| {label.replace('|', chr(92) + '|')} | {value} |")
+    lines += ["", "The ± is the standard error over images.", ""]
+    if (Path(run_dir) / plots.KHAT).exists():
+        lines += [f"![k-hat histogram]({plots.KHAT})", ""]
+    if (Path(run_dir) / plots.POSTERIOR_PAIRS).exists():
+        lines += [
+            f"NUTS on p(z|x) ({diag.get('nuts_images', 0)} images, the trained decoder fixed) "
+            "against q(z|x) and q*(z|x), first latent dimensions of test image 0; "
+            "InferenceData in `posterior_nuts.nc`, `posterior_q.nc`, `posterior_q_star.nc`, "
+            "the importance weights in `importance.nc`:",
+            "",
+            f"![posterior pairs]({plots.POSTERIOR_PAIRS})",
+            "",
+        ]
+    return lines
+
+
+def latent_figures_section(run_dir: Path) -> list[str]:
+    """The latent-space figures that :func:`write_latent_figures` drew."""
+    captions = [
+        (plots.INTERPOLATIONS, "Interpolations between test images: per pair a linear (upper) "
+         "and a spherical (lower) path between their codes, the originals at the ends"),
+        (plots.TRAVERSALS, "Latent traversals of one test image's code, one row per dimension "
+         "from -3 to 3, dimensions sorted by KL (largest first)"),
+        (plots.LATENT_MAP, "Posterior means of test images, colored by label"),
+        (plots.MANIFOLD, "Decoded manifold: z on a grid of Gaussian quantiles"),
+    ]  # fmt: skip
+    lines = []
+    for name, caption in captions:
+        if (Path(run_dir) / name).exists():
+            lines += [f"{caption}:", "", f"![{name.removesuffix('.png')}]({name})", ""]
+    return lines
+
+
+def _inline(text: str, run_dir: Path) -> str:
+    """Inline markdown of report.md → HTML: images (embedded as base64), bold, code."""
+    import base64
+    import html
+    import re
+
+    def image(match: re.Match) -> str:
+        alt, src = match.group(1), match.group(2)
+        path = Path(run_dir) / src
+        if not path.exists():
+            return html.escape(alt)
+        encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+        return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{encoded}">'
+
+    parts = re.split(r"(!\[[^\]]*\]\([^)]*\))", text)
+    out = []
+    for part in parts:
+        found = re.fullmatch(r"!\[([^\]]*)\]\(([^)]*)\)", part)
+        if found:
+            out.append(image(found))
+            continue
+        part = html.escape(part, quote=False).replace("\\|", "|")
+        part = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", part)
+        part = re.sub(r"`([^`]+)`", r"<code>\1</code>", part)
+        out.append(part)
+    return "".join(out)
+
+
+HTML_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem;
+       color: #222; line-height: 1.45; }
+table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
+td, th { border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left; }
+tr:nth-child(even) { background: #f6f6f6; }
+img { max-width: 100%; image-rendering: pixelated; border: 1px solid #ddd; }
+pre { background: #f4f4f4; padding: 0.75rem; overflow-x: auto; font-size: 0.8rem; }
+h1, h2, h3 { border-bottom: 1px solid #eee; padding-bottom: 0.2rem; }
+"""
+
+
+def markdown_to_html(markdown: str, run_dir: Path) -> str:
+    """The subset of markdown that report.md uses (headings, paragraphs, pipe tables, fenced
+    code, images, bold, inline code) → one self-contained HTML page, images as data URIs."""
+    import html
+    import re
+
+    body: list[str] = []
+    lines = markdown.split("\n")
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("```"):
+            end = next(
+                (j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), len(lines)
+            )
+            body.append(f"<pre>{html.escape(chr(10).join(lines[i + 1 : end]))}</pre>")
+            i = end + 1
+        elif heading := re.match(r"(#{1,6}) (.*)", line):
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2), run_dir)}</h{level}>")
+            i += 1
+        elif line.startswith("|"):
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(lines[i])
+                i += 1
+            cells = [re.split(r"(?<!\\)\|", row.strip())[1:-1] for row in rows]
+            table = ["<table>"]
+            for n, row in enumerate(cells):
+                if n == 1 and all(set(c.strip()) <= set("-:") for c in row):
+                    continue
+                tag = "th" if n == 0 else "td"
+                table.append(
+                    "<tr>" + "".join(f"<{tag}>{_inline(c.strip(), run_dir)}</{tag}>" for c in row)
+                    + "</tr>"
+                )  # fmt: skip
+            body.append("\n".join(table + ["</table>"]))
+        elif line.strip():
+            paragraph = []
+            while i < len(lines) and lines[i].strip() and not re.match(r"(#|\||```)", lines[i]):
+                paragraph.append(lines[i])
+                i += 1
+            body.append(f"<p>{_inline(' '.join(paragraph), run_dir)}</p>")
+        else:
+            i += 1
+    title = html.escape(Path(run_dir).name)
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>ppl_vae run {title}</title>\n<style>{HTML_STYLE}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )

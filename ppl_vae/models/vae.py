@@ -107,7 +107,11 @@ class VAE(ImageModel):
         return torch.randn(n, self.config.z_dim, device=self.device)
 
     def evaluation_metrics(self, inputs, eval_cfg, progress=False):
-        from ppl_vae.evaluate import aggregate_posterior_gap
+        from ppl_vae.evaluate import aggregate_posterior_gap, kl_per_dimension
 
         results = super().evaluation_metrics(inputs, eval_cfg, progress)
-        return {**results, **aggregate_posterior_gap(self, inputs, eval_cfg.batch_size)}
+        return {
+            **results,
+            **aggregate_posterior_gap(self, inputs, eval_cfg.batch_size),
+            **kl_per_dimension(self.encoder, inputs, eval_cfg.batch_size),
+        }

@@ -224,6 +224,7 @@ class VQVAE(ImageModel):
             "kl_constant": cfg.kl_constant,
             "perplexity": perplexity(counts),
             "codebook_usage": (counts > 0).double().mean().item(),
+            "dead_codes": int((counts == 0).sum()),
             "uniform_bits_per_position": math.log2(cfg.codebook_size),
         }
         results["vq_neg_elbo"] = results["recon_nll"] + cfg.kl_constant
