@@ -180,13 +180,17 @@ def importance_weights(
 
 
 def khat_summary(khat: torch.Tensor) -> dict[str, Any]:
-    """Share of k̂ in the bands of Yao et al. (2018) and a histogram (bins of 0.1, clipped)."""
-    finite = khat.clamp(min=-1.0)
+    """Share of k̂ in the bands of Yao et al. (2018) and a histogram (bins of 0.1).
+
+    k̂ is clipped to [−1, 2] for the mean, maximum and histogram: −inf marks constant weights,
+    +inf a tail too short to fit (k draws too few), which counts as above 0.7.
+    """
+    finite = khat.clamp(-1.0, 2.0)
     counts, edges = np.histogram(finite.numpy(), bins=np.arange(-1.0, 2.01, 0.1).round(2))
     low, high = KHAT_THRESHOLDS
     return {
         "khat_mean": float(finite.mean()),
-        "khat_max": float(khat.max()),
+        "khat_max": float(finite.max()),
         "khat_share_good": float((khat < low).double().mean()),
         "khat_share_ok": float(((khat >= low) & (khat <= high)).double().mean()),
         "khat_share_bad": float((khat > high).double().mean()),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torchvision.utils import save_image
 
@@ -173,7 +172,7 @@ def manifold_figure(
 def khat_figure(khat: torch.Tensor, path: Path) -> Path:
     """Histogram of per-image PSIS k̂, with the 0.5 and 0.7 thresholds of Yao et al. (2018)."""
     plt = _pyplot()
-    values = khat.clamp(min=-1.0).numpy()
+    values = khat.clamp(-1.0, 2.0).numpy()  # ±inf (constant weights, short tails) at the ends
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
     ax.hist(values, bins=40, color="tab:blue", alpha=0.8)
     for threshold, color in ((0.5, "tab:orange"), (0.7, "tab:red")):
@@ -190,31 +189,39 @@ def khat_figure(khat: torch.Tensor, path: Path) -> Path:
 
 
 def posterior_pairs_figure(idata: dict, path: Path, point: int = 0, dims: int = 3) -> Path:
-    """arviz pair plot of the first ``dims`` latent dimensions of one test image: NUTS draws
-    with q(z|x) and q*(z|x) draws overlaid."""
-    import warnings
-
+    """Pair plot of the first ``dims`` latent dimensions of one test image: draws of NUTS,
+    q(z|x) and q*(z|x) (InferenceData of :mod:`ppl_vae.diagnostics`) overlaid, histograms on
+    the diagonal, scatter plots below it."""
     plt = _pyplot()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        import arviz as az
-
     colors = {"nuts": "black", "amortized": "tab:blue", "local": "tab:orange"}
     names = {"nuts": "NUTS", "amortized": "q(z|x)", "local": "q*(z|x)"}
-    z_dim = idata["nuts"].posterior["z"].sizes["z_dim"]
-    coords = {"point": [point], "z_dim": list(range(min(dims, z_dim)))}
-    ax = None
-    for name, item in idata.items():
-        ax = az.plot_pair(
-            item, var_names=["z"], coords=coords, ax=ax, figsize=(6, 6),
-            scatter_kwargs={"color": colors[name], "alpha": 0.3, "s": 4, "label": names[name]},
-        )  # fmt: skip
-    fig = np.ravel(ax)[0].figure if hasattr(ax, "__len__") else ax.figure
+    draws = {
+        name: item.posterior["z"].sel(point=point).values.reshape(-1, item.posterior.sizes["z_dim"])
+        for name, item in idata.items()
+    }
+    d = min(dims, next(iter(draws.values())).shape[1])
+    fig, axes = plt.subplots(d, d, figsize=(2.4 * d + 0.6, 2.4 * d), dpi=100, squeeze=False)
+    for i in range(d):
+        for j in range(d):
+            ax = axes[i, j]
+            if j > i:
+                ax.axis("off")
+                continue
+            for name, z in draws.items():
+                if i == j:
+                    ax.hist(z[:, i], bins=30, density=True, histtype="step", color=colors[name])
+                else:
+                    ax.scatter(z[:, j], z[:, i], s=3, alpha=0.3, color=colors[name])
+            if i == d - 1:
+                ax.set_xlabel(f"z[{j}]")
+            if j == 0 and i > 0:
+                ax.set_ylabel(f"z[{i}]")
     handles = [
-        plt.Line2D([], [], marker="o", ls="", color=colors[n], label=names[n]) for n in idata
+        plt.Line2D([], [], marker="o", ls="", color=colors[n], label=names[n]) for n in draws
     ]
     fig.legend(handles=handles, loc="upper right")
     fig.suptitle(f"p(z|x) of test image {point}: NUTS against the guides")
-    fig.savefig(path, dpi=100)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)
     return Path(path)
