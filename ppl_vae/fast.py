@@ -1,0 +1,216 @@
+"""Fast paths for SVI training, equal in value to Pyro's plain paths (issue 7).
+
+Two pieces, both built on the same ``model(x)`` / ``guide(x)`` pair:
+
+* :class:`LeanTrace_ELBO` is :class:`~pyro.infer.Trace_ELBO` with a cheaper
+  ``differentiable_loss`` for fully reparameterized guides. Instead of recording two
+  :class:`~pyro.poutine.Trace` objects, pruning them and looping over their sites, one small
+  messenger runs the guide, replays its draws into the model and accumulates
+  Σ_model log p − Σ_guide log q (scaled and masked exactly as Pyro does) as it goes. It has no
+  host synchronizations (``Trace_ELBO`` reads every site's log-density back with ``.item()``)
+  and it answers ``pyro.module`` registrations of the model's own parameters without the
+  param store. Whenever Pyro validation is on, or the guide has a site that needs a score
+  function or enumeration, it *is* ``Trace_ELBO``: same checks, same estimator.
+* :class:`TrainStep` is the one training step :func:`ppl_vae.train.fit` runs (and the
+  benchmarks time): loss, backward of the batch mean, optimizer step, cleared gradients. Its
+  first call runs with Pyro validation on, so the full ``Trace_ELBO`` checks (model/guide site
+  match, distribution arguments, observation support, plate shapes, NaN warnings) see the real
+  data and networks; later calls switch validation off, because they would repeat the same
+  checks on the same program. What can still change between steps, a loss that becomes NaN
+  or infinite, is checked on the summed loss that ``fit`` reads back once per epoch
+  (:meth:`TrainStep.check_finite`). ``validate="always"`` keeps every step validated.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import pyro
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+from pyro.poutine.subsample_messenger import _Subsample
+from torch.distributions import Bernoulli, Independent, constraints
+from torch.nn import functional as F
+
+_BERNOULLI_LOG_PROB = Bernoulli.log_prob
+
+
+def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
+    """Σ scale_and_mask(fn.log_prob(value), scale, mask) over every dimension.
+
+    For a (possibly ``to_event``'d) :class:`~torch.distributions.Bernoulli` under a scalar
+    scale and no mask, this is ``-binary_cross_entropy_with_logits(..., reduction="sum")``:
+    the very kernel ``Bernoulli.log_prob`` runs, reduced inside the kernel instead of through
+    an elementwise tensor, a negation and two sums (forward and backward). Anything else goes
+    through ``fn.log_prob``.
+    """
+    if mask is None and isinstance(scale, int | float):
+        base = fn
+        while isinstance(base, Independent):
+            base = base.base_dist
+        if (
+            isinstance(base, Bernoulli)
+            and type(base).log_prob is _BERNOULLI_LOG_PROB
+            and not base._validate_args
+        ):
+            logits, target = torch.broadcast_tensors(base.logits, value)
+            log_p = -F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+            return log_p if scale == 1.0 else log_p * scale
+    return scale_and_mask(fn.log_prob(value), scale, mask).sum()
+
+
+class NeedsTraceELBO(Exception):
+    """Raised inside a lean run when a site needs what only the full ``Trace_ELBO`` does."""
+
+
+class _GuideThenModel(Messenger):
+    """Accumulates log p(x, z) − log q(z|x) over one guide run and one replayed model run.
+
+    Used as the outermost handler, so every inner handler (plates, ``poutine.scale``,
+    ``poutine.mask``, blocks) has acted on a site before it is seen here, as with
+    ``poutine.trace``. ``sign`` is −1 while the guide runs and +1 while the model runs.
+    """
+
+    def __init__(self, own_params: dict[int, torch.Tensor]):
+        super().__init__()
+        self.own_params = own_params
+        self.guide_values: dict[str, torch.Tensor] = {}
+        self.in_model = False
+        self.elbo: torch.Tensor | float = 0.0
+
+    def _pyro_param(self, msg: Message) -> None:
+        # pyro.module(name, net) asks the store for each of net's parameters and keeps using
+        # net's own tensor; under the module interface the store's answer changes nothing, so
+        # the model's own real-valued parameters are returned as they are.
+        args = msg["args"]
+        if (
+            len(args) > 1
+            and self.own_params.get(id(args[1])) is args[1]
+            and msg["kwargs"].get("constraint", constraints.real) is constraints.real
+        ):
+            msg["value"] = args[1]
+            msg["done"] = True
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if self.in_model and not msg["is_observed"]:
+            value = self.guide_values.get(msg["name"])
+            if value is not None:  # replay the guide's draw, as poutine.replay does
+                msg["value"] = value
+                msg["done"] = True
+
+    def _pyro_post_sample(self, msg: Message) -> None:
+        fn = msg["fn"]
+        if isinstance(fn, _Subsample):  # a plate's index draw, pruned by Trace_ELBO too
+            return
+        if msg["infer"].get("enumerate") or not (self.in_model or fn.has_rsample):
+            raise NeedsTraceELBO(msg["name"])
+        if msg["args"] or msg["kwargs"]:
+            log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+            log_p = scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
+        else:
+            log_p = log_prob_sum(fn, msg["value"], msg["scale"], msg["mask"])
+        if self.in_model:
+            self.elbo = self.elbo + log_p
+        else:
+            self.elbo = self.elbo - log_p
+            if not msg["is_observed"]:
+                self.guide_values[msg["name"]] = msg["value"]
+
+
+class LeanTrace_ELBO(Trace_ELBO):
+    """``Trace_ELBO`` whose differentiable loss skips trace bookkeeping when it may.
+
+    For a guide whose latent sites are all reparameterized, Trace_ELBO's loss is
+    −(Σ_model log p − Σ_guide log q), each site's log-density scaled and masked and summed over
+    every dimension, averaged over particles; this class computes that sum while the programs
+    run. With validation enabled, with ``max_plate_nesting`` unknown under vectorized
+    particles, or when a site needs a score function or enumeration, it defers to
+    ``Trace_ELBO`` (all its checks included). ``loss`` and ``loss_and_grads`` (used by
+    :class:`pyro.infer.SVI`) are Trace_ELBO's own.
+
+    :param own_params: the parameters of the module(s) being trained; ``pyro.module``
+        registrations of exactly these tensors are answered without the param store.
+    """
+
+    def __init__(self, *args, own_params: Iterable[torch.Tensor] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.own_params = {id(p): p for p in own_params}
+        self.fallbacks = 0  # times the lean path handed a call to Trace_ELBO
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        lean_possible = not is_validation_enabled() and not (
+            self.vectorize_particles and self.max_plate_nesting == math.inf
+        )
+        if lean_possible:
+            try:
+                return self._lean_loss(model, guide, args, kwargs)
+            except NeedsTraceELBO:
+                self.fallbacks += 1
+        return super().differentiable_loss(model, guide, *args, **kwargs)
+
+    def _lean_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+        if self.vectorize_particles:
+            model = self._vectorized_num_particles(model)
+            guide = self._vectorized_num_particles(guide)
+            runs = 1
+        else:
+            runs = self.num_particles
+        loss = 0.0
+        for _ in range(runs):
+            with _GuideThenModel(self.own_params) as handler:
+                guide(*args, **kwargs)
+                handler.in_model = True
+                model(*args, **kwargs)
+            loss = loss - handler.elbo
+        return loss / self.num_particles
+
+
+class TrainStep:
+    """One SVI step of ``fit``: −ELBO, backward of its batch mean, optimizer step, zero grads.
+
+    :param loss_fn: the ELBO in module form, ``elbo(model.model, model.guide)``.
+    :param optimizer: a torch optimizer over the model's parameters.
+    :param validate: ``"first"`` (default) validates the first call only; ``"always"``
+        validates every call (Pyro's default behaviour, the plain path). Nothing is validated
+        while Pyro validation is switched off globally.
+    """
+
+    def __init__(
+        self,
+        loss_fn: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        validate: Literal["first", "always"] = "first",
+    ):
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.validate = validate
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Take one step on the batch ``x``; returns the detached −ELBO summed over the batch."""
+        validating = is_validation_enabled() and (self.validate == "always" or self.calls == 0)
+        self.calls += 1
+        with pyro.validation_enabled(validating):
+            loss = self.loss_fn(x)
+            (loss / x.shape[0]).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @staticmethod
+    def check_finite(total: float, where: str) -> None:
+        """Warn, as Pyro's per-step validation would, when a read-back loss is NaN or ±inf."""
+        if not math.isfinite(total):
+            warnings.warn(f"-ELBO is {total} in {where}: training diverged", stacklevel=2)
+
+
+def own_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters :class:`LeanTrace_ELBO` may hand back without the param store."""
+    return [p for p in model.parameters() if p.requires_grad]
