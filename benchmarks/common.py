@@ -36,8 +36,9 @@ def add_common_flags(parser: argparse.ArgumentParser, repeats: int, warmup: int)
     parser.add_argument(
         "--threads",
         type=int,
-        default=min(2, os.cpu_count() or 1),
-        help="torch.set_num_threads for both contenders (default: min(2, cores))",
+        default=torch.get_num_threads(),
+        help="torch.set_num_threads for both contenders (default: torch's choice here,"
+        f" {torch.get_num_threads()})",
     )
     parser.add_argument(
         "--repeats", type=int, default=repeats, help=f"timed rounds (default {repeats})"

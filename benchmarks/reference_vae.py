@@ -14,6 +14,8 @@ benchmark run identical layers; only the loss plumbing differs (Pyro traces vs. 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -72,3 +74,19 @@ class ReferenceStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+
+@torch.no_grad()
+def reference_log_likelihood(
+    model: ReferenceVAE, inputs: torch.Tensor, k: int, batch_size: int, particle_chunk: int
+) -> torch.Tensor:
+    """log (1/k) Σ_i p(x, z_i)/q(z_i|x), z_i ~ q(z|x): chunks of draws merged by logaddexp."""
+    estimates = []
+    for start in range(0, inputs.shape[0], batch_size):
+        x = inputs[start : start + batch_size]
+        acc = torch.full((x.shape[0],), -math.inf, device=x.device)
+        for drawn in range(0, k, particle_chunk):
+            log_w = model.log_weights(x, min(particle_chunk, k - drawn))
+            acc = torch.logaddexp(acc, torch.logsumexp(log_w, dim=0))
+        estimates.append(acc - math.log(k))
+    return torch.cat(estimates)

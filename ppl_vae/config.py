@@ -77,8 +77,9 @@ class EvalConfig:
     """Importance samples per test image for the log p(x) estimate."""
     batch_size: int = 500
     """Test images per evaluation batch."""
-    particle_chunk: int = 100
-    """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats."""
+    particle_chunk: int = 10
+    """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats
+    (10 × 500 images: 16 MB of logits, cache-sized blocks; benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "--eval.k", "a positive integer", self.k)

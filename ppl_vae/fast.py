@@ -66,6 +66,34 @@ def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
     return scale_and_mask(fn.log_prob(value), scale, mask).sum()
 
 
+def site_log_prob(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
+    """``scale_and_mask(fn.log_prob(value), scale, mask)``, batch-shaped (event dims summed).
+
+    For a (possibly ``to_event``'d) :class:`~torch.distributions.Bernoulli` the density is
+    written as Σ_event [x·logits − softplus(logits)], the same function as ``Bernoulli.log_prob``
+    (−binary cross-entropy with logits) in two fused passes instead of four; for the large
+    particle blocks of importance sampling this halves the elementwise time.
+    """
+    base, event_dim = fn, 0
+    while isinstance(base, Independent):
+        event_dim += base.reinterpreted_batch_ndims
+        base = base.base_dist
+    if (
+        isinstance(base, Bernoulli)
+        and type(base).log_prob is _BERNOULLI_LOG_PROB
+        and not base._validate_args
+    ):
+        logits = base.logits
+        dims = tuple(range(-event_dim, 0))
+        if dims:
+            log_p = (logits * value).sum(dims) - F.softplus(logits).sum(dims)
+        else:
+            log_p = logits * value - F.softplus(logits)
+    else:
+        log_p = fn.log_prob(value)
+    return scale_and_mask(log_p, scale, mask)
+
+
 class NeedsTraceELBO(Exception):
     """Raised inside a lean run when a site needs what only the full ``Trace_ELBO`` does."""
 
@@ -170,6 +198,51 @@ class LeanTrace_ELBO(Trace_ELBO):
                 model(*args, **kwargs)
             loss = loss - handler.elbo
         return loss / self.num_particles
+
+
+class _LogWeights(_GuideThenModel):
+    """Like :class:`_GuideThenModel`, but keeps each site's batch dimensions (no score
+    functions needed: nothing is differentiated)."""
+
+    def _pyro_post_sample(self, msg: Message) -> None:
+        fn = msg["fn"]
+        if isinstance(fn, _Subsample):
+            return
+        if msg["args"] or msg["kwargs"]:
+            log_p = scale_and_mask(
+                fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"]), msg["scale"], msg["mask"]
+            )
+        else:
+            log_p = site_log_prob(fn, msg["value"], msg["scale"], msg["mask"])
+        if self.in_model:
+            self.elbo = self.elbo + log_p
+        elif not msg["is_observed"]:
+            self.elbo = self.elbo - log_p
+            self.guide_values[msg["name"]] = msg["value"]
+
+
+def log_weights(
+    model_fn: Callable, guide_fn: Callable, x: torch.Tensor, num_particles: int, plate_dim: int
+) -> torch.Tensor:
+    """:func:`ppl_vae.objectives.log_weights` without traces: a ``(num_particles, B)`` tensor.
+
+    log p(x, z) − log q(z|x) for ``num_particles`` draws z ~ q(z|x) per datapoint, the guide
+    and model run once each under a particle plate at ``plate_dim`` (left of ``"data"``), with
+    Pyro validation off; the draws consume the random stream exactly as the traced version's.
+    """
+
+    def particles(fn: Callable) -> Callable:
+        def wrapped(*args):
+            with pyro.plate("particles", num_particles, dim=plate_dim):
+                return fn(*args)
+
+        return wrapped
+
+    with pyro.validation_enabled(False), _LogWeights({}) as handler:
+        particles(guide_fn)(x)
+        handler.in_model = True
+        particles(model_fn)(x)
+    return x.new_zeros(num_particles, x.shape[0]) + handler.elbo
 
 
 class TrainStep:

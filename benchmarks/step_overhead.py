@@ -1,0 +1,113 @@
+"""One SVI training step of ppl_vae against the hand-written PyTorch step, interleaved.
+
+Contenders (same 784-400-50 softplus networks from ppl_vae.nets, Adam 1e-3, same batch):
+
+* ``reference``: benchmarks/reference_vae.py, -ELBO written by hand with the analytic KL;
+* ``ppl_vae``: ppl_vae.fast.TrainStep over ppl_vae.objectives.loss_module, the exact code
+  ``ppl_vae.train.fit`` runs per batch (lean Trace_ELBO, Pyro validation on the first step);
+* ``ppl_vae_plain`` (unless --no-plain): the foundation's step, Pyro's Trace_ELBO with
+  validation on at every step: the "before" figure.
+
+Rounds alternate the order of the contenders; each timed sample is a block of steps. The last
+lines printed are the paired ratios ppl_vae / reference, one per batch size.
+
+    python -m benchmarks.step_overhead                 # CPU, batch 128 and 1024
+    python -m benchmarks.step_overhead --device cuda   # adds batch 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from benchmarks.common import add_common_flags, describe, interleave, paired_ratio, setup
+from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
+from ppl_vae.config import ObjectiveConfig
+from ppl_vae.fast import TrainStep
+from ppl_vae.models import VAE, VAEConfig
+
+PYRO_EXAMPLE = VAEConfig(z_dim=50, hidden=(400,), activation="softplus")
+
+
+def batch_of_images(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` dynamically binarized Fashion-MNIST training images (random pixels if unavailable)."""
+    from ppl_vae import data
+    from ppl_vae.config import DataConfig
+    from ppl_vae.errors import DataError
+
+    try:
+        images = data.load(DataConfig(), device).train.images
+    except DataError:
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, device=device)
+    images = images[torch.arange(n, device=device) % images.shape[0]]
+    return data.to_input(images, "dynamic")
+
+
+def ppl_vae_step(device: torch.device, lean: bool) -> TrainStep:
+    from ppl_vae.objectives import loss_module
+
+    model = VAE(PYRO_EXAMPLE).to(device)
+    loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=lean)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return TrainStep(loss_fn, optimizer, validate="first" if lean else "always")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.step_overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_flags(parser, repeats=20, warmup=3)
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: 128 1024 on CPU, 128 1024 8192 on CUDA)",
+    )
+    parser.add_argument(
+        "--images-per-sample",
+        type=int,
+        default=2048,
+        help="each timed sample is a block of max(1, this // batch) steps (default 2048)",
+    )
+    parser.add_argument(
+        "--no-plain", action="store_true", help="leave out the foundation's plain Trace_ELBO step"
+    )
+    args = parser.parse_args(argv)
+    device = setup(args)
+    sizes = args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
+    x_all = batch_of_images(max(sizes), device)
+    summary = []
+    for batch in sizes:
+        x = x_all[:batch]
+        steps = max(1, args.images_per_sample // batch)
+        reference = ReferenceStep(ReferenceVAE(PYRO_EXAMPLE).to(device))
+        contenders = {"reference": reference, "ppl_vae": ppl_vae_step(device, lean=True)}
+        if not args.no_plain:
+            contenders["ppl_vae_plain"] = ppl_vae_step(device, lean=False)
+        blocks = {
+            name: (lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)])
+            for name, step in contenders.items()
+        }
+        timings = interleave(blocks, args.repeats, args.warmup, device, args.clock)
+        print(
+            f"batch {batch} ({steps} steps per sample, {args.repeats} rounds, {args.clock} clock)"
+        )
+        for t in timings.values():
+            print(describe(t, steps, "step"), f" {batch * steps / t.median:10.0f} images/s")
+        for name in contenders:
+            if name != "reference":
+                ratio = paired_ratio(timings[name], timings["reference"])
+                summary.append((name, batch, ratio))
+    for name, batch, (median, lo, hi) in summary:
+        print(
+            f"ratio {name}/reference batch {batch} {device.type}: {median:.3f}"
+            f" (IQR {lo:.3f}–{hi:.3f})"
+        )
+
+
+if __name__ == "__main__":
+    main()
