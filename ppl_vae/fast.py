@@ -152,6 +152,18 @@ class _GuideThenModel(Messenger):
                 self.guide_values[msg["name"]] = msg["value"]
 
 
+def _random_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_random_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 class LeanTrace_ELBO(Trace_ELBO):
     """``Trace_ELBO`` whose differentiable loss skips trace bookkeeping when it may.
 
@@ -159,7 +171,7 @@ class LeanTrace_ELBO(Trace_ELBO):
     −(Σ_model log p − Σ_guide log q), each site's log-density scaled and masked and summed over
     every dimension, averaged over particles; this class computes that sum while the programs
     run. With validation enabled, with ``max_plate_nesting`` unknown under vectorized
-    particles, or when a site needs a score function or enumeration, it defers to
+    particles, or once a site has needed a score function or enumeration, it defers to
     ``Trace_ELBO`` (all its checks included). ``loss`` and ``loss_and_grads`` (used by
     :class:`pyro.infer.SVI`) are Trace_ELBO's own.
 
@@ -171,16 +183,26 @@ class LeanTrace_ELBO(Trace_ELBO):
         super().__init__(*args, **kwargs)
         self.own_params = {id(p): p for p in own_params}
         self.fallbacks = 0  # times the lean path handed a call to Trace_ELBO
+        self.needs_trace_elbo = False
+        self.rng_state: tuple | None = None
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         lean_possible = not is_validation_enabled() and not (
             self.vectorize_particles and self.max_plate_nesting == math.inf
         )
-        if lean_possible:
+        if lean_possible and not self.needs_trace_elbo:
+            # The first lean call keeps the random state: if the program turns out to need
+            # Trace_ELBO, it gets the draws it would have had (seed replays stay exact).
+            first = self.rng_state is None
+            if first:
+                self.rng_state = _random_state()
             try:
                 return self._lean_loss(model, guide, args, kwargs)
             except NeedsTraceELBO:
                 self.fallbacks += 1
+                self.needs_trace_elbo = True  # programs have static structure (as for JIT)
+                if first:
+                    _set_random_state(self.rng_state)
         return super().differentiable_loss(model, guide, *args, **kwargs)
 
     def _lean_loss(self, model, guide, args, kwargs) -> torch.Tensor:
