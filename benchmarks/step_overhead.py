@@ -5,6 +5,8 @@ Contenders (same 784-400-50 softplus networks from ppl_vae.nets, Adam 1e-3, same
 * ``reference``: benchmarks/reference_vae.py, -ELBO written by hand with the analytic KL;
 * ``ppl_vae``: ppl_vae.fast.TrainStep over ppl_vae.objectives.loss_module, the exact code
   ``ppl_vae.train.fit`` runs per batch (lean Trace_ELBO, Pyro validation on the first step);
+* ``ppl_vae_captured`` (unless --no-captured): the same with ``--train.capture`` (the loss
+  replayed as a recorded graph of tensor ops, ppl_vae.fast.CapturedELBO; opt-in);
 * ``ppl_vae_plain`` (unless --no-plain): the foundation's step, Pyro's Trace_ELBO with
   validation on at every step: the "before" figure.
 
@@ -24,7 +26,7 @@ import torch
 from benchmarks.common import add_common_flags, describe, interleave, paired_ratio, setup
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
 from ppl_vae.config import ObjectiveConfig
-from ppl_vae.fast import TrainStep
+from ppl_vae.fast import CapturedELBO, TrainStep
 from ppl_vae.models import VAE, VAEConfig
 
 PYRO_EXAMPLE = VAEConfig(z_dim=50, hidden=(400,), activation="softplus")
@@ -44,11 +46,14 @@ def batch_of_images(n: int, device: torch.device) -> torch.Tensor:
     return data.to_input(images, "dynamic")
 
 
-def ppl_vae_step(device: torch.device, lean: bool) -> TrainStep:
+def ppl_vae_step(device: torch.device, lean: bool, capture: bool = False) -> TrainStep:
+    """The step fit builds: default (lean), --train.capture, or the foundation's (not lean)."""
     from ppl_vae.objectives import loss_module
 
     model = VAE(PYRO_EXAMPLE).to(device)
     loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=lean)
+    if capture:
+        loss_fn = CapturedELBO(loss_fn, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     return TrainStep(loss_fn, optimizer, validate="first" if lean else "always")
 
@@ -76,6 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-plain", action="store_true", help="leave out the foundation's plain Trace_ELBO step"
     )
+    parser.add_argument(
+        "--no-captured", action="store_true", help="leave out the --train.capture step"
+    )
     args = parser.parse_args(argv)
     device = setup(args)
     sizes = args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
@@ -86,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         steps = max(1, args.images_per_sample // batch)
         reference = ReferenceStep(ReferenceVAE(PYRO_EXAMPLE).to(device))
         contenders = {"reference": reference, "ppl_vae": ppl_vae_step(device, lean=True)}
+        if not args.no_captured:
+            contenders["ppl_vae_captured"] = ppl_vae_step(device, lean=True, capture=True)
         if not args.no_plain:
             contenders["ppl_vae_plain"] = ppl_vae_step(device, lean=False)
         blocks = {

@@ -52,6 +52,9 @@ class TrainConfig:
     """auto picks cuda when available."""
     progress: bool = True
     """Show progress bars (they stay quiet when output is not a terminal)."""
+    capture: bool = False
+    """Replay the training loss as a recorded graph of tensor ops (ppl_vae.fast.CapturedELBO):
+    faster steps, but only for models whose sites and scales never change (no KL warm-up)."""
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "--train.epochs", "a positive integer", self.epochs)

@@ -36,10 +36,12 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import Message
 from pyro.poutine.subsample_messenger import _Subsample
-from torch.distributions import Bernoulli, Independent, constraints
+from torch.distributions import Bernoulli, Independent, Normal, constraints
 from torch.nn import functional as F
 
 _BERNOULLI_LOG_PROB = Bernoulli.log_prob
+_NORMAL_LOG_PROB = Normal.log_prob
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
@@ -48,8 +50,9 @@ def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
     For a (possibly ``to_event``'d) :class:`~torch.distributions.Bernoulli` under a scalar
     scale and no mask, this is ``-binary_cross_entropy_with_logits(..., reduction="sum")``:
     the very kernel ``Bernoulli.log_prob`` runs, reduced inside the kernel instead of through
-    an elementwise tensor, a negation and two sums (forward and backward). Anything else goes
-    through ``fn.log_prob``.
+    an elementwise tensor, a negation and two sums (forward and backward). For a Normal it is
+    −½ Σ ((v − loc)/scale)² − Σ log scale − n·½ log 2π, four fewer tensor ops than
+    ``Normal.log_prob`` followed by sums. Anything else goes through ``fn.log_prob``.
     """
     if mask is None and isinstance(scale, int | float):
         base = fn
@@ -63,6 +66,15 @@ def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
             logits, target = torch.broadcast_tensors(base.logits, value)
             log_p = -F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
             return log_p if scale == 1.0 else log_p * scale
+        if isinstance(base, Normal) and type(base).log_prob is _NORMAL_LOG_PROB:
+            if not base._validate_args:
+                value, loc, sd = torch.broadcast_tensors(value, base.loc, base.scale)
+                log_p = (
+                    -0.5 * ((value - loc) / sd).square().sum()
+                    - sd.log().sum()
+                    - value.numel() * _HALF_LOG_2PI
+                )
+                return log_p if scale == 1.0 else log_p * scale
     return scale_and_mask(fn.log_prob(value), scale, mask).sum()
 
 
@@ -205,7 +217,7 @@ class LeanTrace_ELBO(Trace_ELBO):
                     _set_random_state(self.rng_state)
         return super().differentiable_loss(model, guide, *args, **kwargs)
 
-    def _lean_loss(self, model, guide, args, kwargs) -> torch.Tensor:
+    def _lean_loss(self, model, guide, args, kwargs, own_params=None) -> torch.Tensor:
         if self.vectorize_particles:
             model = self._vectorized_num_particles(model)
             guide = self._vectorized_num_particles(guide)
@@ -214,7 +226,7 @@ class LeanTrace_ELBO(Trace_ELBO):
             runs = self.num_particles
         loss = 0.0
         for _ in range(runs):
-            with _GuideThenModel(self.own_params) as handler:
+            with _GuideThenModel(self.own_params if own_params is None else own_params) as handler:
                 guide(*args, **kwargs)
                 handler.in_model = True
                 model(*args, **kwargs)
@@ -265,6 +277,71 @@ def log_weights(
         handler.in_model = True
         particles(model_fn)(x)
     return x.new_zeros(num_particles, x.shape[0]) + handler.elbo
+
+
+class CapturedELBO(torch.nn.Module):
+    """A :class:`LeanTrace_ELBO` loss recorded once as a straight-line graph of tensor ops.
+
+    The first call for an input shape (and dtype, device, train/eval mode) runs the lean loss
+    under :func:`torch.fx.experimental.proxy_tensor.make_fx`, with the model's parameters and
+    buffers as graph inputs; every later call replays that graph: the same tensor operations,
+    random draws included (``normal_`` nodes draw afresh each call, from the same stream), with
+    none of the Pyro, distribution or module Python around them. Gradients flow to the
+    parameters as usual. With Pyro validation on it is the wrapped loss (Trace_ELBO's checks).
+
+    Opt-in (``--train.capture``), like Pyro's ``JitTrace_ELBO`` and for the same reason: the
+    graph freezes whatever Python decides while the programs run. It is exact only for
+    programs whose sites, plates and scales do not change between calls with the same input
+    shape; a KL weight that a schedule changes in Python, a VQ code revival or any other
+    Python-side state would be replayed stale. Call :meth:`reset` after changing such state.
+
+    :param loss_fn: ``LeanTrace_ELBO()(model.model, model.guide)``.
+    :param model: the module whose parameters and buffers the programs use.
+    """
+
+    def __init__(self, loss_fn: torch.nn.Module, model: torch.nn.Module):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.target = [model]  # a list, so the model is not registered as a submodule twice
+        self.graphs: dict[tuple, Callable] = {}
+
+    def reset(self) -> None:
+        """Forget the recorded graphs (the next call records afresh)."""
+        self.graphs.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_validation_enabled():
+            return self.loss_fn(x)
+        (model,) = self.target
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        key = (tuple(x.shape), x.dtype, x.device, model.training, tuple(tensors))
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._record(model, list(tensors), tensors, x)
+        return graph(list(tensors.values()), x)
+
+    def _record(self, model, names, tensors, x) -> Callable:
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        elbo = self.loss_fn.elbo
+        program = (self.loss_fn.model, self.loss_fn.guide)
+
+        def loss(values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            own = {id(v): v for v in values}
+            with _reparametrize_module(model, dict(zip(names, values, strict=True))):
+                return elbo._lean_loss(*program, (x,), {}, own_params=own)
+
+        state = _random_state()  # recording draws once; the replays must not be shifted
+        try:
+            graph = make_fx(loss)(list(tensors.values()), x)
+        finally:
+            _set_random_state(state)
+        # Drop what nothing reads (a plate's index tensor, unused constants). In-place ops,
+        # the random draws among them (empty + normal_), count as side effects and stay.
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        return graph
 
 
 class TrainStep:
