@@ -26,6 +26,29 @@ FASHION_TRAIN = 50_000  # training images after the 10k validation split
 FASHION_TEST = 10_000
 
 
+def make_parser(prog: str, doc: str | None, repeats: int, warmup: int) -> argparse.ArgumentParser:
+    """A parser whose --help is the script's docstring, with the flags every script shares."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {prog}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_flags(parser, repeats, warmup)
+    return parser
+
+
+def ratio_lines(timings: dict[str, Timings], what: str, device: torch.device) -> list[str]:
+    """``ratio NAME/reference WHAT DEVICE: median (IQR lo–hi)`` for every non-reference entry."""
+    lines = []
+    for name, t in timings.items():
+        if name != "reference" and "reference" in timings:
+            median, lo, hi = paired_ratio(t, timings["reference"])
+            lines.append(
+                f"ratio {name}/reference {what} {device.type}: {median:.3f} (IQR {lo:.3f}–{hi:.3f})"
+            )
+    return lines
+
+
 def add_common_flags(parser: argparse.ArgumentParser, repeats: int, warmup: int) -> None:
     parser.add_argument(
         "--device",
@@ -147,6 +170,5 @@ def describe(t: Timings, per: int, unit: str) -> str:
     lo, hi = t.iqr
     scale = 1e3 / per
     return (
-        f"{t.name:>18}: {t.median * scale:8.3f} ms/{unit}"
-        f"  (IQR {lo * scale:.3f}–{hi * scale:.3f})"
+        f"{t.name:>18}: {t.median * scale:8.3f} ms/{unit}  (IQR {lo * scale:.3f}–{hi * scale:.3f})"
     )

@@ -20,11 +20,9 @@ rounds. The last lines are the paired ratios of epoch times.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.common import add_common_flags, describe, interleave, paired_ratio, setup
+from benchmarks.common import describe, interleave, make_parser, ratio_lines, setup
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
 from benchmarks.step_overhead import PYRO_EXAMPLE, ppl_vae_step
 from ppl_vae import data
@@ -49,12 +47,7 @@ def epoch(step, source: torch.Tensor, batch_size: int, order: torch.Generator) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.epoch_throughput",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_flags(parser, repeats=5, warmup=1)
+    parser = make_parser("benchmarks.epoch_throughput", __doc__, repeats=5, warmup=1)
     parser.add_argument("--batch-size", type=int, default=256, help="images per step (256)")
     parser.add_argument(
         "--images", type=int, default=0, help="train on the first N images only (0: all 50,000)"
@@ -93,13 +86,7 @@ def main(argv: list[str] | None = None) -> None:
             describe(t, 1, "epoch"),
             f" {n / t.median:8.0f} images/s  (last epoch's mean -ELBO {losses[name]:.2f})",
         )
-    for name in steps:
-        if name != "reference":
-            median, lo, hi = paired_ratio(timings[name], timings["reference"])
-            print(
-                f"ratio {name}/reference epoch batch {args.batch_size} {device.type}:"
-                f" {median:.3f} (IQR {lo:.3f}–{hi:.3f})"
-            )
+    print("\n".join(ratio_lines(timings, f"epoch batch {args.batch_size}", device)))
 
 
 if __name__ == "__main__":

@@ -19,19 +19,10 @@ ppl_vae and the reference (same seed per round), and the paired ratios last.
 
 from __future__ import annotations
 
-import argparse
-
 import pyro
 import torch
 
-from benchmarks.common import (
-    FASHION_TEST,
-    add_common_flags,
-    describe,
-    interleave,
-    paired_ratio,
-    setup,
-)
+from benchmarks.common import FASHION_TEST, describe, interleave, make_parser, ratio_lines, setup
 from benchmarks.reference_vae import ReferenceVAE, reference_log_likelihood
 from benchmarks.step_overhead import PYRO_EXAMPLE
 from ppl_vae import data
@@ -50,12 +41,7 @@ def test_inputs(n: int, device: torch.device) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     defaults = EvalConfig()
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.eval_throughput",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_flags(parser, repeats=3, warmup=0)
+    parser = make_parser("benchmarks.eval_throughput", __doc__, repeats=3, warmup=0)
     parser.add_argument("--images", type=int, default=500, help="test images (default 500)")
     parser.add_argument("--k", type=int, default=1000, help="draws per image (default 1000)")
     parser.add_argument(
@@ -112,13 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         gap = (estimates["ppl_vae"] - estimates["reference"]).abs().max().item()
         print(f"max |ppl_vae − reference| log p(x) estimate: {gap:.2e} nats")
         print(f"mean NLL estimate: {-estimates['ppl_vae'].mean().item():.3f} nats")
-        for name in contenders:
-            if name != "reference":
-                median, lo, hi = paired_ratio(timings[name], timings["reference"])
-                print(
-                    f"ratio {name}/reference IS eval {device.type}: {median:.3f}"
-                    f" (IQR {lo:.3f}–{hi:.3f})"
-                )
+        print("\n".join(ratio_lines(timings, "IS eval", device)))
 
 
 if __name__ == "__main__":

@@ -19,11 +19,9 @@ lines printed are the paired ratios ppl_vae / reference, one per batch size.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from benchmarks.common import add_common_flags, describe, interleave, paired_ratio, setup
+from benchmarks.common import describe, interleave, make_parser, ratio_lines, setup
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.fast import CapturedELBO, TrainStep
@@ -59,12 +57,7 @@ def ppl_vae_step(device: torch.device, lean: bool, capture: bool = False) -> Tra
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.step_overhead",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_common_flags(parser, repeats=20, warmup=3)
+    parser = make_parser("benchmarks.step_overhead", __doc__, repeats=20, warmup=3)
     parser.add_argument(
         "--batch-sizes",
         type=int,
@@ -108,15 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         for t in timings.values():
             print(describe(t, steps, "step"), f" {batch * steps / t.median:10.0f} images/s")
-        for name in contenders:
-            if name != "reference":
-                ratio = paired_ratio(timings[name], timings["reference"])
-                summary.append((name, batch, ratio))
-    for name, batch, (median, lo, hi) in summary:
-        print(
-            f"ratio {name}/reference batch {batch} {device.type}: {median:.3f}"
-            f" (IQR {lo:.3f}–{hi:.3f})"
-        )
+        summary += ratio_lines(timings, f"batch {batch}", device)
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":
