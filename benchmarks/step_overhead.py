@@ -23,6 +23,7 @@ import torch
 
 from benchmarks.common import describe, interleave, make_parser, ratio_lines, setup
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
+from ppl_vae import fast
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.fast import CapturedELBO, TrainStep
 from ppl_vae.models import VAE, VAEConfig
@@ -56,6 +57,19 @@ def ppl_vae_step(device: torch.device, lean: bool, capture: bool = False) -> Tra
     return TrainStep(loss_fn, optimizer, validate="first" if lean else "always")
 
 
+def unfused(step: TrainStep):
+    """``step`` with ppl_vae.fast's fused log-density sums switched off while it runs."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        fast.FUSED_LOG_PROBS = False
+        try:
+            return step(x)
+        finally:
+            fast.FUSED_LOG_PROBS = True
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("benchmarks.step_overhead", __doc__, repeats=20, warmup=3)
     parser.add_argument(
@@ -77,6 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-captured", action="store_true", help="leave out the --train.capture step"
     )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="add the steps between plain and ppl_vae, one optimization at a time:"
+        " ablate_validate_first (Trace_ELBO, validation on the first step only) and"
+        " ablate_lean_unfused (LeanTrace_ELBO with every density through log_prob)",
+    )
     args = parser.parse_args(argv)
     device = setup(args)
     sizes = args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
@@ -91,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
             contenders["ppl_vae_captured"] = ppl_vae_step(device, lean=True, capture=True)
         if not args.no_plain:
             contenders["ppl_vae_plain"] = ppl_vae_step(device, lean=False)
+        if args.ablation:
+            validate_first = ppl_vae_step(device, lean=False)
+            validate_first.validate = "first"
+            contenders["ablate_validate_first"] = validate_first
+            contenders["ablate_lean_unfused"] = unfused(ppl_vae_step(device, lean=True))
         blocks = {
             name: (lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)])
             for name, step in contenders.items()

@@ -42,6 +42,7 @@ from torch.nn import functional as F
 _BERNOULLI_LOG_PROB = Bernoulli.log_prob
 _NORMAL_LOG_PROB = Normal.log_prob
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+FUSED_LOG_PROBS = True  # False: every site through fn.log_prob (benchmark ablations only)
 
 
 def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
@@ -54,7 +55,7 @@ def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
     −½ Σ ((v − loc)/scale)² − Σ log scale − n·½ log 2π, four fewer tensor ops than
     ``Normal.log_prob`` followed by sums. Anything else goes through ``fn.log_prob``.
     """
-    if mask is None and isinstance(scale, int | float):
+    if FUSED_LOG_PROBS and mask is None and isinstance(scale, int | float):
         base = fn
         while isinstance(base, Independent):
             base = base.base_dist
@@ -91,7 +92,8 @@ def site_log_prob(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor
         event_dim += base.reinterpreted_batch_ndims
         base = base.base_dist
     if (
-        isinstance(base, Bernoulli)
+        FUSED_LOG_PROBS
+        and isinstance(base, Bernoulli)
         and type(base).log_prob is _BERNOULLI_LOG_PROB
         and not base._validate_args
     ):
