@@ -345,3 +345,18 @@ def test_captured_train_step_matches_plain_step(seed, tmp_path, fake_data_dir):
         train=TrainConfig(epochs=1, batch_size=32, device="cpu", progress=False, capture=True),
     )
     assert (fit(cfg) / "checkpoint.pt").exists()
+
+
+def test_neg_elbo_lean_batches_match_trace_elbo(seed):
+    """evaluate.neg_elbo (first batch validated, then lean) = Trace_ELBO on every batch."""
+    from ppl_vae.evaluate import neg_elbo
+
+    model, x = setup_model(torch.device("cpu"))
+    inputs = torch.cat([x, x.flip(0), x])
+    pyro.set_rng_seed(seed)
+    got = neg_elbo(model, inputs, ObjectiveConfig("trace"), batch_size=5)
+    pyro.set_rng_seed(seed)
+    plain = loss_module(model, ObjectiveConfig("trace"), lean=False)
+    with torch.no_grad():
+        expected = sum(plain(inputs[i : i + 5]).item() for i in range(0, inputs.shape[0], 5))
+    assert got == pytest.approx(expected / inputs.shape[0], rel=1e-6)  # float32 accumulator
