@@ -1,16 +1,18 @@
-"""Fast paths for SVI training, equal in value to Pyro's plain paths (issue 7).
+"""Fast paths for SVI training and evaluation, equal in value to Pyro's plain paths (issue 7).
 
-Two pieces, both built on the same ``model(x)`` / ``guide(x)`` pair:
+All of them run the same ``model(x)`` / ``guide(x)`` pair; ``tests/test_fast_paths.py`` replays
+one seed through each and the plain path and checks losses, gradients and weights agree.
 
 * :class:`LeanTrace_ELBO` is :class:`~pyro.infer.Trace_ELBO` with a cheaper
   ``differentiable_loss`` for fully reparameterized guides. Instead of recording two
   :class:`~pyro.poutine.Trace` objects, pruning them and looping over their sites, one small
   messenger runs the guide, replays its draws into the model and accumulates
-  Σ_model log p − Σ_guide log q (scaled and masked exactly as Pyro does) as it goes. It has no
-  host synchronizations (``Trace_ELBO`` reads every site's log-density back with ``.item()``)
-  and it answers ``pyro.module`` registrations of the model's own parameters without the
-  param store. Whenever Pyro validation is on, or the guide has a site that needs a score
-  function or enumeration, it *is* ``Trace_ELBO``: same checks, same estimator.
+  Σ_model log p − Σ_guide log q (scaled and masked exactly as Pyro does) as it goes, with
+  fused density sums (:func:`log_prob_sum`). It has no host synchronizations (``Trace_ELBO``
+  reads every site's log-density back with ``.item()``) and it answers ``pyro.module``
+  registrations of the model's own parameters without the param store. Whenever Pyro
+  validation is on, or the guide has a site that needs a score function or enumeration, it
+  *is* ``Trace_ELBO``: same checks, same estimator.
 * :class:`TrainStep` is the one training step :func:`ppl_vae.train.fit` runs (and the
   benchmarks time): loss, backward of the batch mean, optimizer step, cleared gradients. Its
   first call runs with Pyro validation on, so the full ``Trace_ELBO`` checks (model/guide site
@@ -19,6 +21,11 @@ Two pieces, both built on the same ``model(x)`` / ``guide(x)`` pair:
   checks on the same program. What can still change between steps, a loss that becomes NaN
   or infinite, is checked on the summed loss that ``fit`` reads back once per epoch
   (:meth:`TrainStep.check_finite`). ``validate="always"`` keeps every step validated.
+* :class:`CapturedELBO` (opt-in, ``--train.capture``) records the lean loss once per input
+  shape as a straight-line graph of tensor ops and replays it, for programs whose structure
+  and scales never change.
+* :func:`log_weights` is :func:`ppl_vae.objectives.log_weights` (per-datum importance
+  weights) without traces, for the importance-sampled log p(x) of :mod:`ppl_vae.evaluate`.
 """
 
 from __future__ import annotations
