@@ -71,12 +71,16 @@ def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
             and type(base).log_prob is _BERNOULLI_LOG_PROB
             and not base._validate_args
         ):
-            logits, target = torch.broadcast_tensors(base.logits, value)
+            logits, target = base.logits, value
+            if logits.shape != target.shape:
+                logits, target = torch.broadcast_tensors(logits, target)
             log_p = -F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
             return log_p if scale == 1.0 else log_p * scale
         if isinstance(base, Normal) and type(base).log_prob is _NORMAL_LOG_PROB:
             if not base._validate_args:
-                value, loc, sd = torch.broadcast_tensors(value, base.loc, base.scale)
+                loc, sd = base.loc, base.scale
+                if not value.shape == loc.shape == sd.shape:
+                    value, loc, sd = torch.broadcast_tensors(value, loc, sd)
                 log_p = (
                     -0.5 * ((value - loc) / sd).square().sum()
                     - sd.log().sum()
