@@ -122,7 +122,8 @@ def fit(
             leave=False,
         )
         for images in bar:
-            total += train_step(data.to_input(images, mode))
+            x = data.to_input(images, mode)
+            total += train_step(x)  # loss, backward, optimizer step, zero grads
             step += 1
         train_loss = total.item() / n_train  # the one host sync of the epoch
         TrainStep.check_finite(train_loss, f"epoch {epoch + 1}")
