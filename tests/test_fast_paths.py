@@ -360,3 +360,30 @@ def test_neg_elbo_lean_batches_match_trace_elbo(seed):
     with torch.no_grad():
         expected = sum(plain(inputs[i : i + 5]).item() for i in range(0, inputs.shape[0], 5))
     assert got == pytest.approx(expected / inputs.shape[0], rel=1e-6)  # float32 accumulator
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("capture", [False, True])
+def test_cuda_steps_do_not_synchronize(seed, capture):
+    """After the validated first step (and the first lean one), a training step on CUDA makes
+    no host synchronization: torch's sync debug mode turns any into an error."""
+    device = torch.device("cuda")
+    torch.manual_seed(seed)
+    model = VAE(VAEConfig(z_dim=4, hidden=(32,))).to(device)
+    x = torch.bernoulli(torch.full((64, 784), 0.3, device=device))
+    loss_fn = loss_module(model, ObjectiveConfig())
+    if capture:
+        loss_fn = fast.CapturedELBO(loss_fn, model)
+    step = fast.TrainStep(loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3))
+    total = torch.zeros((), device=device)
+    for _ in range(2):  # validated first step; first lean step (records the graph if captured)
+        total += step(x)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            total += step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total).item()
