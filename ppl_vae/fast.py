@@ -286,6 +286,8 @@ class CapturedELBO(torch.nn.Module):
     programs whose sites, plates and scales do not change between calls with the same input
     shape; a KL weight that a schedule changes in Python, a VQ code revival or any other
     Python-side state would be replayed stale. Call :meth:`reset` after changing such state.
+    Programs that branch on tensor values (a VQ-VAE's training-time bookkeeping) cannot be
+    recorded at all: then it warns once and computes the lean loss instead.
 
     :param loss_fn: ``LeanTrace_ELBO()(model.model, model.guide)``.
     :param model: the module whose parameters and buffers the programs use.
@@ -296,23 +298,33 @@ class CapturedELBO(torch.nn.Module):
         self.loss_fn = loss_fn
         self.target = [model]  # a list, so the model is not registered as a submodule twice
         self.graphs: dict[tuple, Callable] = {}
+        self.unrecordable: str | None = None  # why recording failed; then the lean loss runs
 
     def reset(self) -> None:
         """Forget the recorded graphs (the next call records afresh)."""
         self.graphs.clear()
+        self.unrecordable = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_validation_enabled():
+        if is_validation_enabled() or self.unrecordable is not None:
             return self.loss_fn(x)
         (model,) = self.target
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
         key = (tuple(x.shape), x.dtype, x.device, model.training, tuple(tensors))
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._record(model, list(tensors), tensors, x)
+            graph = self._record(model, list(tensors), tensors, x)
+            if graph is None:
+                return self.loss_fn(x)
+            self.graphs[key] = graph
         return graph(list(tensors.values()), x)
 
-    def _record(self, model, names, tensors, x) -> Callable:
+    def _record(self, model, names, tensors, x) -> Callable | None:
+        """The recorded graph, or None (with a warning) when the programs cannot be recorded.
+
+        Recording runs the loss once for real; the random state and the buffers are put back
+        afterwards, so that the first replay draws and updates exactly as an unrecorded call.
+        """
         from torch.fx.experimental.proxy_tensor import make_fx
         from torch.nn.utils.stateless import _reparametrize_module
 
@@ -324,11 +336,24 @@ class CapturedELBO(torch.nn.Module):
             with _reparametrize_module(model, dict(zip(names, values, strict=True))):
                 return elbo._lean_loss(*program, (x,), {}, own_params=own)
 
-        state = _random_state()  # recording draws once; the replays must not be shifted
+        state = _random_state()
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
         try:
             graph = make_fx(loss)(list(tensors.values()), x)
+        except Exception as err:  # e.g. Python that reads tensor values (bool(tensor))
+            # The lean loss runs the same code untraced, so a genuine error still surfaces.
+            self.unrecordable = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            warnings.warn(
+                f"--train.capture: the loss cannot be recorded ({self.unrecordable});"
+                " training with the lean loss instead",
+                stacklevel=3,
+            )
+            return None
         finally:
             _set_random_state(state)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
         # Drop what nothing reads (a plate's index tensor, unused constants). In-place ops,
         # the random draws among them (empty + normal_), count as side effects and stay.
         graph.graph.eliminate_dead_code()
