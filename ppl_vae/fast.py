@@ -271,6 +271,34 @@ def log_weights(
     return log_w
 
 
+_PLAIN = (bool, int, float, str)
+
+
+class _LossOf(torch.nn.Module):
+    """``forward(x, values)``: the lean loss of ``loss_fn``'s programs, with ``values`` (the
+    tensors that stand for ``model``'s parameters) answering ``pyro.module`` registrations."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.program = (loss_fn.model, loss_fn.guide)
+        self.elbo = loss_fn.elbo
+
+    def forward(self, x: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        own = {id(v): v for v in values}
+        return self.elbo._lean_loss(*self.program, (x,), {}, own_params=own)
+
+
+def python_state(model: torch.nn.Module) -> tuple:
+    """The plain Python values (bool, int, float, str) held by ``model`` and its submodules."""
+    return tuple(
+        (prefix, attr, value)
+        for prefix, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if type(value) in _PLAIN
+    )
+
+
 class CapturedELBO(torch.nn.Module):
     """A :class:`LeanTrace_ELBO` loss recorded once as a straight-line graph of tensor ops.
 
@@ -282,10 +310,13 @@ class CapturedELBO(torch.nn.Module):
     parameters as usual. With Pyro validation on it is the wrapped loss (Trace_ELBO's checks).
 
     Opt-in (``--train.capture``), like Pyro's ``JitTrace_ELBO`` and for the same reason: the
-    graph freezes whatever Python decides while the programs run. It is exact only for
-    programs whose sites, plates and scales do not change between calls with the same input
-    shape; a KL weight that a schedule changes in Python, a VQ code revival or any other
-    Python-side state would be replayed stale. Call :meth:`reset` after changing such state.
+    graph freezes whatever Python decides while the programs run. The plain Python values held
+    by the model and its submodules (a KL weight set by a schedule, ``training``) are part of
+    the graph's key (:func:`python_state`): a call whose key differs from the previous call's
+    runs the lean loss, and a graph is recorded only once a key repeats, so a weight that
+    changes every step trains lean (and exact) until it settles. State the key cannot see,
+    globals, closures, values inside tensors, is replayed stale: call :meth:`reset` after
+    changing it.
     Programs that branch on tensor values (a VQ-VAE's training-time bookkeeping) cannot be
     recorded at all: then it warns once and computes the lean loss instead.
 
@@ -299,6 +330,8 @@ class CapturedELBO(torch.nn.Module):
         self.target = [model]  # a list, so the model is not registered as a submodule twice
         self.graphs: dict[tuple, Callable] = {}
         self.unrecordable: str | None = None  # why recording failed; then the lean loss runs
+        self.last_key: tuple | None = None
+        self.max_graphs = 8
 
     def reset(self) -> None:
         """Forget the recorded graphs (the next call records afresh)."""
@@ -310,13 +343,19 @@ class CapturedELBO(torch.nn.Module):
             return self.loss_fn(x)
         (model,) = self.target
         tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        key = (tuple(x.shape), x.dtype, x.device, model.training, tuple(tensors))
+        key = (tuple(x.shape), x.dtype, x.device, tuple(tensors), python_state(model))
         graph = self.graphs.get(key)
         if graph is None:
+            if key != self.last_key:  # new or changing state: lean until it holds still
+                self.last_key = key
+                return self.loss_fn(x)
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.clear()
             graph = self._record(model, list(tensors), tensors, x)
             if graph is None:
                 return self.loss_fn(x)
             self.graphs[key] = graph
+        self.last_key = key
         return graph(list(tensors.values()), x)
 
     def _record(self, model, names, tensors, x) -> Callable | None:
@@ -326,15 +365,14 @@ class CapturedELBO(torch.nn.Module):
         afterwards, so that the first replay draws and updates exactly as an unrecorded call.
         """
         from torch.fx.experimental.proxy_tensor import make_fx
-        from torch.nn.utils.stateless import _reparametrize_module
 
-        elbo = self.loss_fn.elbo
-        program = (self.loss_fn.model, self.loss_fn.guide)
+        holder = _LossOf(model, self.loss_fn)
 
         def loss(values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            own = {id(v): v for v in values}
-            with _reparametrize_module(model, dict(zip(names, values, strict=True))):
-                return elbo._lean_loss(*program, (x,), {}, own_params=own)
+            # functional_call puts the graph's inputs in place of the model's tensors while the
+            # loss runs (the programs read them from the model), then puts the tensors back.
+            swapped = {f"model.{name}": value for name, value in zip(names, values, strict=True)}
+            return torch.func.functional_call(holder, swapped, (x, values))
 
         state = _random_state()
         buffers = [(b, b.detach().clone()) for b in model.buffers()]

@@ -314,10 +314,11 @@ def test_captured_elbo_matches_lean(device, seed, num_particles):
     lean_fn = loss_module(model, ObjectiveConfig("trace", num_particles=num_particles))
     captured = fast.CapturedELBO(lean_fn, model)
     expected = loss_and_grads(lean_fn, params, x, seed, validate=False)
-    for _ in range(2):  # the recording call, then a replay
+    for _ in range(3):  # a new key runs lean, the repeat records and replays, then replays
         assert_same(expected, loss_and_grads(captured, params, x, seed, validate=False), device)
     assert len(captured.graphs) == 1
-    loss_and_grads(captured, params, x[:4], seed, validate=False)  # a new shape: a new graph
+    for _ in range(2):  # a new shape: a new graph once it repeats
+        loss_and_grads(captured, params, x[:4], seed, validate=False)
     assert len(captured.graphs) == 2
 
 
@@ -437,10 +438,35 @@ def test_unrecordable_program_falls_back_to_lean(seed):
 
     lean_fn = fast.LeanTrace_ELBO(own_params=params)(model.model, guide)
     expected = loss_and_grads(lean_fn, params, x, seed, validate=False)
-    model.calls.zero_()
     captured = fast.CapturedELBO(lean_fn, model)
-    with pytest.warns(UserWarning, match="cannot be recorded"):
+    loss_and_grads(captured, params, x, seed, validate=False)  # a new key runs lean
+    model.calls.zero_()
+    with pytest.warns(UserWarning, match="cannot be recorded"):  # the repeat tries to record
         got = loss_and_grads(captured, params, x, seed, validate=False)
     assert_same(expected, got, torch.device("cpu"))
     assert model.calls.item() == 1  # the failed recording's update was undone
     assert captured.unrecordable is not None
+
+
+def test_captured_elbo_follows_python_state(seed):
+    """A weight the model holds as a Python float (a KL warm-up) is part of the graph's key:
+    while it changes every call the loss is the lean one, exact; once it holds, a graph."""
+    model, x = setup_model(torch.device("cpu"))
+    params = list(model.parameters())
+    model.z_weight = 0.1
+
+    def scaled(fn):
+        def run(x):
+            with poutine.scale(scale=model.z_weight):
+                fn(x)
+
+        return run
+
+    lean_fn = fast.LeanTrace_ELBO(own_params=params)(scaled(model.model), scaled(model.guide))
+    captured = fast.CapturedELBO(lean_fn, model)
+    for weight in (0.1, 0.2, 0.3, 0.4, 0.4, 0.4, 0.5):
+        model.z_weight = weight
+        expected = loss_and_grads(lean_fn, params, x, seed, validate=False)
+        got = loss_and_grads(captured, params, x, seed, validate=False)
+        assert_same(expected, got, torch.device("cpu"))
+    assert len(captured.graphs) == 1  # recorded once, at the second call with weight 0.4
