@@ -54,7 +54,7 @@ class TrainConfig:
     """Show progress bars (they stay quiet when output is not a terminal)."""
     capture: bool = False
     """Replay the training loss as a recorded graph of tensor ops (ppl_vae.fast.CapturedELBO):
-    faster steps, but only for models whose sites and scales never change (no KL warm-up)."""
+    faster steps; exact while the model's state lives in its tensors and plain attributes."""
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "--train.epochs", "a positive integer", self.epochs)
