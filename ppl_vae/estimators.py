@@ -109,9 +109,10 @@ def particle_traces(
     for site in latent_sites(guide_trace):
         if not site["fn"].has_rsample:
             raise ConfigError(
-                f"--objective {objective} differentiates through the draws of the guide, but its "
-                f"site {site['name']!r} ({type(site['fn']).__name__}) is not reparameterizable; use "
-                "--objective tracegraph (score-function gradients with baselines) or trace"
+                f"--objective {objective} differentiates through the draws of the guide, but "
+                f"its site {site['name']!r} ({type(site['fn']).__name__}) is not "
+                "reparameterizable; use --objective tracegraph (score-function gradients with "
+                "baselines) or trace"
             )
     replayed = poutine.replay(particles(model_fn), trace=guide_trace)
     model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
