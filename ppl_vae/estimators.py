@@ -52,8 +52,9 @@ from pyro.infer import ELBO, TraceGraph_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import distributions as tdist
 
+from ppl_vae.config import ObjectiveConfig
 from ppl_vae.errors import ConfigError
-from ppl_vae.objectives import MAX_PLATE_NESTING, log_mean_exp
+from ppl_vae.objectives import MAX_PLATE_NESTING, log_mean_exp, loss_module
 
 # ----------------------------------------------------------------------------- traces → weights
 
@@ -365,3 +366,72 @@ def gradient_statistics(
 def log_mean_exp_pooled(log_w: torch.Tensor) -> torch.Tensor:
     """Pyro RenyiELBO(α = 0)'s value from ``(K, B)`` log weights: ``log (1/K) Σ_k Π_b w_kb``."""
     return torch.logsumexp(log_w.sum(1), dim=0) - math.log(log_w.shape[0])
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+
+def bound_draws(model, x: torch.Tensor, cfg: ObjectiveConfig, num_draws: int) -> torch.Tensor:
+    """``num_draws`` independent values of the objective ``cfg`` on the batch ``x``, ``(R,)``.
+
+    Each value is the bound (minus the loss), summed over the batch, with ``cfg``'s particles.
+    """
+    loss_fn = loss_module(model, cfg)
+    with torch.no_grad():
+        return torch.stack([-loss_fn(x) for _ in range(num_draws)])
+
+
+def compare_estimators(
+    model,
+    x: torch.Tensor,
+    configs: dict[str, ObjectiveConfig],
+    num_draws: int = 100,
+    log_marginal: float | None = None,
+) -> list[dict[str, float]]:
+    """One row per objective: value, its spread, and the gradient SNR of encoder and decoder.
+
+    Values are per datapoint (the batch sum divided by the batch size): ``mean`` and ``std``
+    over ``num_draws`` independent draws, and ``bias = mean - log_marginal`` when the exact
+    ``log p(x)`` per datapoint is given. ``encoder_snr`` and ``decoder_snr`` are
+    :attr:`GradientStatistics.mean_snr` of ``num_draws`` gradient draws of the batch loss.
+
+    :param model: a model with ``encoder`` (the guide's parameters) and the rest.
+    :param x: the batch.
+    :param dict configs: label → :class:`~ppl_vae.config.ObjectiveConfig`.
+    :param int num_draws: R, draws per objective (of values, and of gradients).
+    :param log_marginal: exact mean log p(x) of the batch, if known.
+    """
+    rows = []
+    batch_size = x.shape[0]
+    for label, cfg in configs.items():
+        values = bound_draws(model, x, cfg, num_draws) / batch_size
+        grads = gradient_statistics(
+            loss_module(model, cfg), (x,), parameter_groups(model), num_draws
+        )
+        row = {"objective": label, "mean": values.mean().item(), "std": values.std().item()}
+        if log_marginal is not None:
+            row["bias"] = row["mean"] - log_marginal
+        row["encoder_snr"] = grads["encoder"].mean_snr
+        row["decoder_snr"] = grads["decoder"].mean_snr
+        rows.append(row)
+    return rows
+
+
+def snr_versus_particles(
+    model, x: torch.Tensor, names: Iterable[str], particles: Iterable[int], num_draws: int = 100
+) -> dict[str, dict[str, list[float]]]:
+    """Encoder and decoder gradient SNR of each objective as K grows (Rainforth et al. 2018).
+
+    :returns: ``{name: {"K": [...], "encoder": [...], "decoder": [...]}}``.
+    """
+    particles = list(particles)
+    curves = {}
+    for name in names:
+        curve = {"K": particles, "encoder": [], "decoder": []}
+        for num_particles in particles:
+            loss_fn = loss_module(model, ObjectiveConfig(name, num_particles))
+            grads = gradient_statistics(loss_fn, (x,), parameter_groups(model), num_draws)
+            curve["encoder"].append(grads["encoder"].mean_snr)
+            curve["decoder"].append(grads["decoder"].mean_snr)
+        curves[name] = curve
+    return curves

@@ -62,3 +62,67 @@ def curves_figure(metrics: list[dict[str, float]], path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+# ----------------------------------------------------------------------------- estimator lab
+# Figures of the notebooks that compare ELBO estimators (issue 5). They return a matplotlib
+# Figure and leave the backend alone, so a notebook shows them inline.
+
+
+def snr_versus_particles_figure(curves: dict[str, dict[str, list[float]]], title: str = ""):
+    """Encoder and decoder gradient SNR against K, one line per objective, log-log axes.
+
+    :param curves: the output of :func:`ppl_vae.estimators.snr_versus_particles`.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2), dpi=80, sharex=True)
+    for name, curve in curves.items():
+        for ax, group in zip(axes, ("encoder", "decoder"), strict=True):
+            ax.plot(curve["K"], curve[group], marker="o", label=name)
+    for ax, group in zip(axes, ("encoder", "decoder"), strict=True):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("particles K")
+        ax.set_ylabel("mean per-parameter SNR")
+        ax.set_title(f"{group} gradient")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def value_distributions_figure(draws: dict[str, torch.Tensor], reference: float | None = None):
+    """Box plots of independent draws of each estimator, with a reference line (exact log p(x)).
+
+    :param draws: label → 1-D tensor of draws.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2), dpi=80)
+    ax.boxplot([d.detach().cpu().numpy() for d in draws.values()], showfliers=False)
+    ax.set_xticks(range(1, len(draws) + 1), list(draws), rotation=30)
+    if reference is not None:
+        ax.axhline(reference, color="k", linestyle="--", label="exact log p(x)")
+        ax.legend()
+    ax.set_ylabel("estimate (nats / datapoint)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def metric_curves_figure(metrics: dict[str, list[dict[str, float]]], key: str, ylabel: str):
+    """One curve per run of ``metrics[label][epoch][key]`` against the epoch."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=80)
+    for label, rows in metrics.items():
+        ax.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker=".", label=label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
