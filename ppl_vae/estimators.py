@@ -435,3 +435,21 @@ def snr_versus_particles(
             curve["decoder"].append(grads["decoder"].mean_snr)
         curves[name] = curve
     return curves
+
+
+def kl_standard_normal_monte_carlo(
+    z_loc: torch.Tensor, z_scale: torch.Tensor, num_samples: int
+) -> torch.Tensor:
+    """Monte Carlo KL(N(z_loc, diag z_scale²) ‖ N(0, I)) from ``num_samples`` draws, per row.
+
+    The estimate ``(1/S) Σ_s [log q(z_s) - log p(z_s)]``, ``z_s ~ q``, is what
+    :class:`~pyro.infer.Trace_ELBO` uses in place of the closed form
+    :func:`~ppl_vae.objectives.kl_standard_normal` (which ``TraceMeanField_ELBO`` uses). It is
+    unbiased; its variance falls as 1/S.
+
+    :returns: a tensor of shape ``z_loc.shape[:-1]``.
+    """
+    guide = tdist.Normal(z_loc, z_scale)
+    prior = tdist.Normal(torch.zeros_like(z_loc), torch.ones_like(z_scale))
+    z = guide.rsample((num_samples,))
+    return (guide.log_prob(z) - prior.log_prob(z)).sum(-1).mean(0)

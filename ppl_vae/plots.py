@@ -126,3 +126,21 @@ def metric_curves_figure(metrics: dict[str, list[dict[str, float]]], key: str, y
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def histograms_figure(
+    samples: dict[str, torch.Tensor], reference: float | None = None, xlabel: str = ""
+):
+    """Overlaid histograms of 1-D samples, one per label, with an optional reference line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=80)
+    for label, values in samples.items():
+        ax.hist(values.detach().cpu().numpy(), bins=40, alpha=0.5, density=True, label=label)
+    if reference is not None:
+        ax.axvline(reference, color="k", linestyle="--", label="closed form")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
