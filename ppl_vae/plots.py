@@ -144,3 +144,52 @@ def histograms_figure(
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+@torch.no_grad()
+def interpolation_images(model, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8):
+    """Decoded points on the segment between the codes of two images, ``(steps, x_dim)``.
+
+    ``z_t = (1 - t) encode(x_a) + t encode(x_b)`` for ``t`` evenly spaced in [0, 1], decoded
+    with ``model.decode`` (the mean of p(x|z)). For a VQ-VAE the intermediate grids mix code
+    vectors and are not on the codebook; the decoder sees them as they are.
+    """
+    z_a, z_b = model.encode(x_a[None]), model.encode(x_b[None])
+    t = torch.linspace(0, 1, steps, device=z_a.device).reshape(-1, *[1] * (z_a.dim() - 1))
+    return model.decode((1 - t) * z_a + t * z_b)
+
+
+def image_rows_figure(rows: dict[str, torch.Tensor], image_shape=(1, 28, 28), title: str = ""):
+    """One labelled row of images per entry of ``rows`` (flat images, values in [0, 1])."""
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.1 * len(rows) + 0.3), dpi=80)
+    axes = [axes] if len(rows) == 1 else axes
+    for ax, (label, images) in zip(axes, rows.items(), strict=True):
+        grid = make_grid(as_images(images.detach().cpu(), image_shape), nrow=images.shape[0])
+        ax.imshow(grid.permute(1, 2, 0).clamp(0, 1).numpy())
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def codebook_usage_figure(counts: torch.Tensor):
+    """Share of the codes assigned to each codebook entry, sorted, with the perplexity."""
+    import matplotlib.pyplot as plt
+
+    from ppl_vae.quantizer import perplexity
+
+    share = (counts / counts.sum()).sort(descending=True).values.cpu().numpy()
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=80)
+    ax.bar(range(len(share)), share)
+    ax.set_xlabel("codebook entry (sorted by use)")
+    ax.set_ylabel("share of code positions")
+    used = int((counts > 0).sum())
+    ax.set_title(f"{used} of {len(share)} codes used, perplexity {perplexity(counts):.1f}")
+    fig.tight_layout()
+    return fig
