@@ -131,8 +131,8 @@ def particle_log_weights(model_trace, guide_trace, batch_size: int, detach_guide
     guide_trace.compute_log_prob()
     log_w = 0.0
     for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            log_w = log_w + site["log_prob"]
+        if site["type"] == "sample" and not site_is_subsample(site):
+            log_w = log_w + site["log_prob"]  # latents and observations
     for site in latent_sites(guide_trace):
         if detach_guide:
             log_q = detach_parameters(site["fn"]).log_prob(site["value"])
