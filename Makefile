@@ -1,4 +1,5 @@
 # `make run`: set up and train the default VAE.  `make test`: set up and run the tests.
+# `make bench`: the CPU benchmarks of benchmarks/ (ppl_vae vs hand-written PyTorch).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -6,7 +7,8 @@ STAMP  := $(VENV)/.installed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-stat-sweep lint data setup clean
+.PHONY: run test test-slow test-stat-sweep lint data setup clean bench
+BENCH_ARGS ?=
 
 setup: $(STAMP)
 
@@ -43,6 +45,15 @@ test-slow: setup data
 STAT_SEEDS ?= 0-199
 test-stat-sweep: setup data
 	$(BIN)/python -m pytest --stat-seeds $(STAT_SEEDS) -m "stat and not slow" $(PYTEST_ARGS)
+
+# CPU benchmarks, ppl_vae against hand-written PyTorch, interleaved in one process (a few
+# minutes on 2 cores; see benchmarks/RESULTS.md). BENCH_ARGS goes to every script, e.g.
+# BENCH_ARGS="--threads 1 --clock cpu" on a shared machine, or "--device cuda".
+bench: setup data
+	$(BIN)/python -m benchmarks.step_overhead $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.epoch_throughput $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.eval_throughput $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.eval_throughput --images 10000 --repeats 1 --only-ppl-vae $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check ppl_vae tests benchmarks

@@ -52,6 +52,9 @@ class TrainConfig:
     """auto picks cuda when available."""
     progress: bool = True
     """Show progress bars (they stay quiet when output is not a terminal)."""
+    capture: bool = False
+    """Replay the training loss as a recorded graph of tensor ops (ppl_vae.fast.CapturedELBO):
+    faster steps; exact while the model's state lives in its tensors and plain attributes."""
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "--train.epochs", "a positive integer", self.epochs)
@@ -88,8 +91,9 @@ class EvalConfig:
     """Importance samples per test image for the log p(x) estimate."""
     batch_size: int = 500
     """Test images per evaluation batch."""
-    particle_chunk: int = 100
-    """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats."""
+    particle_chunk: int = 10
+    """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats
+    (10 × 500 images: 16 MB of logits, cache-sized blocks; benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "--eval.k", "a positive integer", self.k)

@@ -11,13 +11,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pyro
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
-from ppl_vae import data, runs
+from ppl_vae import data, fast, runs
 from ppl_vae.config import EvalConfig, ObjectiveConfig
-from ppl_vae.objectives import log_weights, loss_module
+from ppl_vae.objectives import MAX_PLATE_NESTING, log_weights, loss_module
 
 EVAL_JSON = "eval.json"
 
@@ -26,11 +28,16 @@ EVAL_JSON = "eval.json"
 def neg_elbo(
     model, inputs: torch.Tensor, objective: ObjectiveConfig, batch_size: int = 500
 ) -> float:
-    """Mean -ELBO per datapoint of ``inputs`` (flat floats) under ``objective``."""
+    """Mean -ELBO per datapoint of ``inputs`` (flat floats) under ``objective``.
+
+    The first batch runs with Pyro's validation as configured; the rest without it, so the
+    ``"trace"`` objective takes the lean path of :mod:`ppl_vae.fast` (same estimator).
+    """
     loss_fn = loss_module(model, objective)
     total = torch.zeros((), device=inputs.device)
-    for x in data.batches(inputs, batch_size):
-        total += loss_fn(x)
+    for i, x in enumerate(data.batches(inputs, batch_size)):
+        with pyro.validation_enabled(i == 0 and is_validation_enabled()):
+            total += loss_fn(x)
     return total.item() / inputs.shape[0]
 
 
@@ -40,8 +47,9 @@ def log_likelihood(
     inputs: torch.Tensor,
     k: int = 1000,
     batch_size: int = 500,
-    particle_chunk: int = 100,
+    particle_chunk: int = 10,
     progress: bool = False,
+    lean: bool = True,
 ) -> torch.Tensor:
     """Importance-sampled log p(x) with ``k`` draws from the guide, one estimate per datapoint.
 
@@ -49,6 +57,11 @@ def log_likelihood(
     expectation (Jensen) that tightens as k grows (Burda et al. 2015). Draws are taken
     ``particle_chunk`` at a time and merged with ``logaddexp``, so memory stays bounded by
     ``batch_size · particle_chunk`` likelihood evaluations whatever ``k`` is.
+
+    The first chunk runs through Pyro's traces with validation (model/guide, supports and
+    shapes are checked once, on the real inputs); the others through
+    :func:`ppl_vae.fast.log_weights`, the same weights without trace bookkeeping
+    (``lean=False``: every chunk through the traces).
     """
     estimates = []
     chunks = [min(particle_chunk, k - start) for start in range(0, k, particle_chunk)]
@@ -58,10 +71,17 @@ def log_likelihood(
         disable=None if progress else True,
         leave=False,
     )
+    validated = False
     for x in data.batches(inputs, batch_size):
         acc = None
         for size in chunks:
-            lse = torch.logsumexp(log_weights(model.model, model.guide, x, size), dim=0)
+            if validated and lean:
+                log_w = fast.log_weights(
+                    model.model, model.guide, x, size, plate_dim=-(MAX_PLATE_NESTING + 1)
+                )
+            else:
+                log_w, validated = log_weights(model.model, model.guide, x, size), True
+            lse = torch.logsumexp(log_w, dim=0)
             acc = lse if acc is None else torch.logaddexp(acc, lse)
             bar.update()
         estimates.append(acc - math.log(k))

@@ -17,6 +17,7 @@ from pyro import poutine
 from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from ppl_vae.config import ObjectiveConfig
+from ppl_vae.fast import LeanTrace_ELBO, own_parameters
 
 MAX_PLATE_NESTING = 1  # models have one plate, "data"; particle plates go to its left
 
@@ -43,9 +44,22 @@ def make_elbo(cfg: ObjectiveConfig) -> ELBO:
     )
 
 
-def loss_module(model, cfg: ObjectiveConfig) -> torch.nn.Module:
-    """``elbo(model.model, model.guide)``: an ``nn.Module`` giving -ELBO summed over the batch."""
-    return make_elbo(cfg)(model.model, model.guide)
+def loss_module(model, cfg: ObjectiveConfig, lean: bool = True) -> torch.nn.Module:
+    """``elbo(model.model, model.guide)``: an ``nn.Module`` giving -ELBO summed over the batch.
+
+    With ``lean`` (default) the ``"trace"`` objective is :class:`~ppl_vae.fast.LeanTrace_ELBO`:
+    the same estimator, computed with less bookkeeping whenever Pyro validation is off (see
+    :mod:`ppl_vae.fast`); ``lean=False`` gives the plain Pyro class.
+    """
+    elbo = make_elbo(cfg)
+    if lean and type(elbo) is Trace_ELBO:
+        elbo = LeanTrace_ELBO(
+            num_particles=elbo.num_particles,
+            vectorize_particles=elbo.vectorize_particles,
+            max_plate_nesting=MAX_PLATE_NESTING,
+            own_params=own_parameters(model),
+        )
+    return elbo(model.model, model.guide)
 
 
 def log_weights(

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ppl_vae import data, runs
 from ppl_vae.config import RunConfig, TrainConfig, to_dict
 from ppl_vae.evaluate import neg_elbo
+from ppl_vae.fast import CapturedELBO, TrainStep
 from ppl_vae.models import build
 from ppl_vae.objectives import loss_module
 
@@ -97,6 +98,9 @@ def fit(
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         set_rng_state(checkpoint["rng"], batch_order)
         runs.truncate_metrics(run_dir, start_epoch)
+    if cfg.train.capture:
+        loss_fn = CapturedELBO(loss_fn, model)
+    train_step = TrainStep(loss_fn, optimizer)  # validates its first step (see ppl_vae.fast)
 
     source, mode = data.train_source(cfg.data, dataset.train)
     val_inputs = data.eval_inputs(dataset.val, cfg.data.binarization)
@@ -120,13 +124,10 @@ def fit(
         for images in bar:
             x = data.to_input(images, mode)
             model.on_train_step(step)  # step-dependent schedules (KL warm-up), code revival
-            loss = loss_fn(x)
-            (loss / x.shape[0]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            total += loss.detach()
+            total += train_step(x)  # loss, backward, optimizer step, zero grads
             step += 1
         train_loss = total.item() / n_train  # the one host sync of the epoch
+        TrainStep.check_finite(train_loss, f"epoch {epoch + 1}")
         seconds = time.perf_counter() - started
         model.eval()
         val_loss = neg_elbo(model, val_inputs, cfg.objective, cfg.eval.batch_size)

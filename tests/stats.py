@@ -28,11 +28,12 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from scipy.stats import norm
 from scipy.stats import t as student_t
 
 BUDGET = 1e-3
 """Allowed probability of a false failure in one full run of the statistical tests."""
-COMPARISONS = 290
+COMPARISONS = 298
 """Scalar comparisons made by all ``stat`` tests together (checked by ``conftest.py``)."""
 ALPHA = BUDGET / COMPARISONS
 """False-positive probability allowed to one comparison (Bonferroni)."""
@@ -110,6 +111,34 @@ def assert_mc_close(
     ok = (mean - target).abs() <= k * stderr + atol
     _made += ok.numel()
     assert bool(ok.all()), _report(what, ok, mean, target, stderr, k, n)
+
+
+def assert_close_known_se(
+    estimate: torch.Tensor,
+    expected: torch.Tensor | float,
+    standard_error: torch.Tensor | float,
+    what: str = "estimate",
+) -> None:
+    """Assert ``|estimate - expected| ≤ k · SE`` elementwise, for an SE known from theory.
+
+    For estimators whose sampling distribution is derived analytically (normal, with a standard
+    error ``SE`` that does not have to be estimated from draws), the critical value is the normal
+    quantile: ``k = Φ⁻¹(1 - α/2)``. One comparison per element.
+
+    :param estimate: the estimator's value (float64).
+    :param expected: the estimand; broadcast against ``estimate``.
+    :param standard_error: the analytic standard error of ``estimate``.
+    :param what: the estimand, named in the failure message.
+    """
+    global _made
+    if estimate.dtype != torch.float64:
+        raise TypeError(f"statistical checks run in float64; got {estimate.dtype}")
+    k = float(norm.isf(ALPHA / 2))
+    target = torch.as_tensor(expected, dtype=estimate.dtype).expand_as(estimate)
+    stderr = torch.as_tensor(standard_error, dtype=estimate.dtype).expand_as(estimate)
+    ok = (estimate - target).abs() <= k * stderr
+    _made += ok.numel()
+    assert bool(ok.all()), _report(what, ok, estimate, target, stderr, k, n=1)
 
 
 def assert_mc_less_equal(

@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

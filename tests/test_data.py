@@ -6,11 +6,11 @@ import gzip
 
 import pytest
 import torch
+from conftest import write_fake_idx
 
 from ppl_vae import data
 from ppl_vae.config import DataConfig
 from ppl_vae.errors import DataError
-from tests.conftest import write_fake_idx
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])

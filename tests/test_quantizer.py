@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from pyro import poutine
+from stats import assert_close_known_se
 
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.models import build, default_config
@@ -88,19 +89,18 @@ def test_auxiliary_loss_is_per_datum(seed):
     torch.testing.assert_close(quantizer(z_e[:2])[2], aux[:2])
 
 
-@pytest.mark.stat
-def test_ema_codes_converge_to_cluster_means():
+@pytest.mark.stat(comparisons=8)
+def test_ema_codes_converge_to_cluster_means(seed):
     """Estimand: each EMA code after T steps, against the mean of the cluster it owns.
 
     With batches of m points per cluster, noise σ and decay d, the EMA code is a weighted mean
     of the points with weights (1 − d) d^(T − t) per step (the start, 1 away with weight
     d^T ≈ 7e-3 against ≈ m, shifts it by ≈ 1e-4, 3% of an SE; the Laplace smoothing by less),
-    so its standard error per coordinate is SE = σ √((1 − d) / ((1 + d) m)).
-    Tolerance: k = 4.5 standard errors on each of the 8 coordinates (two-sided 7e-6 each,
-    5e-5 for the test). Fixed seed.
-    TODO(merge): switch to ``tests.stats.assert_mc_close`` once tests/stats.py lands.
+    so its standard error per coordinate is known: SE = σ √((1 − d) / ((1 + d) m)).
+    Tolerance: k = Φ⁻¹(1 − α/2) standard errors from tests/stats.py on each of the
+    8 coordinates (8 comparisons).
     """
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     centres = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]]).double()
     sigma, m, steps, decay = 0.5, 50, 500, 0.99
     quantizer = Quantizer(codebook_size=4, code_dim=2, ema=True, decay=decay).double().train()
@@ -112,8 +112,9 @@ def test_ema_codes_converge_to_cluster_means():
         points = centres.repeat_interleave(m, 0) + sigma * torch.randn(4 * m, 2, generator=gen)
         quantizer(points.double()[:, :, None, None])  # a 1×1 grid per point
     standard_error = sigma * math.sqrt((1 - decay) / ((1 + decay) * m))
-    z_scores = (quantizer.codebook - centres) / standard_error
-    assert z_scores.abs().max() < 4.5, z_scores
+    assert_close_known_se(
+        quantizer.codebook.detach(), centres, standard_error, what="EMA codes vs cluster means"
+    )
 
 
 def test_usage_statistics_and_revival(seed):

@@ -1,0 +1,135 @@
+"""One SVI training step of ppl_vae against the hand-written PyTorch step, interleaved.
+
+Contenders (same 784-400-50 softplus networks from ppl_vae.nets, Adam 1e-3, same batch):
+
+* ``reference``: benchmarks/reference_vae.py, -ELBO written by hand with the analytic KL;
+* ``ppl_vae``: ppl_vae.fast.TrainStep over ppl_vae.objectives.loss_module, the exact code
+  ``ppl_vae.train.fit`` runs per batch (lean Trace_ELBO, Pyro validation on the first step);
+* ``ppl_vae_captured`` (unless --no-captured): the same with ``--train.capture`` (the loss
+  replayed as a recorded graph of tensor ops, ppl_vae.fast.CapturedELBO; opt-in);
+* ``ppl_vae_plain`` (unless --no-plain): the foundation's step, Pyro's Trace_ELBO with
+  validation on at every step: the "before" figure.
+
+Rounds alternate the order of the contenders; each timed sample is a block of steps. The last
+lines printed are the paired ratios ppl_vae / reference, one per batch size.
+
+    python -m benchmarks.step_overhead                 # CPU, batch 128 and 1024
+    python -m benchmarks.step_overhead --device cuda   # adds batch 8192
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import describe, interleave, make_parser, ratio_lines, setup
+from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
+from ppl_vae import fast
+from ppl_vae.config import ObjectiveConfig
+from ppl_vae.fast import CapturedELBO, TrainStep
+from ppl_vae.models import VAE, VAEConfig
+
+PYRO_EXAMPLE = VAEConfig(z_dim=50, hidden=(400,), activation="softplus")
+
+
+def batch_of_images(n: int, device: torch.device) -> torch.Tensor:
+    """``n`` dynamically binarized Fashion-MNIST training images (random pixels if unavailable)."""
+    from ppl_vae import data
+    from ppl_vae.config import DataConfig
+    from ppl_vae.errors import DataError
+
+    try:
+        images = data.load(DataConfig(), device).train.images
+    except DataError:
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, device=device)
+    images = images[torch.arange(n, device=device) % images.shape[0]]
+    return data.to_input(images, "dynamic")
+
+
+def ppl_vae_step(device: torch.device, lean: bool, capture: bool = False) -> TrainStep:
+    """The step fit builds: default (lean), --train.capture, or the foundation's (not lean)."""
+    from ppl_vae.objectives import loss_module
+
+    model = VAE(PYRO_EXAMPLE).to(device)
+    loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=lean)
+    if capture:
+        loss_fn = CapturedELBO(loss_fn, model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return TrainStep(loss_fn, optimizer, validate="first" if lean else "always")
+
+
+def unfused(step: TrainStep):
+    """``step`` with ppl_vae.fast's fused log-density sums switched off while it runs."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        fast.FUSED_LOG_PROBS = False
+        try:
+            return step(x)
+        finally:
+            fast.FUSED_LOG_PROBS = True
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("benchmarks.step_overhead", __doc__, repeats=20, warmup=3)
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: 128 1024 on CPU, 128 1024 8192 on CUDA)",
+    )
+    parser.add_argument(
+        "--images-per-sample",
+        type=int,
+        default=2048,
+        help="each timed sample is a block of max(1, this // batch) steps (default 2048)",
+    )
+    parser.add_argument(
+        "--no-plain", action="store_true", help="leave out the foundation's plain Trace_ELBO step"
+    )
+    parser.add_argument(
+        "--no-captured", action="store_true", help="leave out the --train.capture step"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="add the steps between plain and ppl_vae, one optimization at a time:"
+        " ablate_validate_first (Trace_ELBO, validation on the first step only) and"
+        " ablate_lean_unfused (LeanTrace_ELBO with every density through log_prob)",
+    )
+    args = parser.parse_args(argv)
+    device = setup(args)
+    sizes = args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
+    x_all = batch_of_images(max(sizes), device)
+    summary = []
+    for batch in sizes:
+        x = x_all[:batch]
+        steps = max(1, args.images_per_sample // batch)
+        reference = ReferenceStep(ReferenceVAE(PYRO_EXAMPLE).to(device))
+        contenders = {"reference": reference, "ppl_vae": ppl_vae_step(device, lean=True)}
+        if not args.no_captured:
+            contenders["ppl_vae_captured"] = ppl_vae_step(device, lean=True, capture=True)
+        if not args.no_plain:
+            contenders["ppl_vae_plain"] = ppl_vae_step(device, lean=False)
+        if args.ablation:
+            validate_first = ppl_vae_step(device, lean=False)
+            validate_first.validate = "first"
+            contenders["ablate_validate_first"] = validate_first
+            contenders["ablate_lean_unfused"] = unfused(ppl_vae_step(device, lean=True))
+        blocks = {
+            name: (lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)])
+            for name, step in contenders.items()
+        }
+        timings = interleave(blocks, args.repeats, args.warmup, device, args.clock)
+        print(
+            f"batch {batch} ({steps} steps per sample, {args.repeats} rounds, {args.clock} clock)"
+        )
+        for t in timings.values():
+            print(describe(t, steps, "step"), f" {batch * steps / t.median:10.0f} images/s")
+        summary += ratio_lines(timings, f"batch {batch}", device)
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()

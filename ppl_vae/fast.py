@@ -1,0 +1,443 @@
+"""Fast paths for SVI training and evaluation, equal in value to Pyro's plain paths (issue 7).
+
+All of them run the same ``model(x)`` / ``guide(x)`` pair; ``tests/test_fast_paths.py`` replays
+one seed through each and the plain path and checks losses, gradients and weights agree.
+
+* :class:`LeanTrace_ELBO` is :class:`~pyro.infer.Trace_ELBO` with a cheaper
+  ``differentiable_loss`` for fully reparameterized guides. Instead of recording two
+  :class:`~pyro.poutine.Trace` objects, pruning them and looping over their sites, one small
+  messenger runs the guide, replays its draws into the model and accumulates
+  Σ_model log p − Σ_guide log q (scaled and masked exactly as Pyro does) as it goes, with
+  fused density sums (:func:`log_prob_sum`). It has no host synchronizations (``Trace_ELBO``
+  reads every site's log-density back with ``.item()``) and it answers ``pyro.module``
+  registrations of the model's own parameters without the param store. Whenever Pyro
+  validation is on, or the guide has a site that needs a score function or enumeration, it
+  *is* ``Trace_ELBO``: same checks, same estimator.
+* :class:`TrainStep` is the one training step :func:`ppl_vae.train.fit` runs (and the
+  benchmarks time): loss, backward of the batch mean, optimizer step, cleared gradients. Its
+  first call runs with Pyro validation on, so the full ``Trace_ELBO`` checks (model/guide site
+  match, distribution arguments, observation support, plate shapes, NaN warnings) see the real
+  data and networks; later calls switch validation off, because they would repeat the same
+  checks on the same program. What can still change between steps, a loss that becomes NaN
+  or infinite, is checked on the summed loss that ``fit`` reads back once per epoch
+  (:meth:`TrainStep.check_finite`). ``validate="always"`` keeps every step validated.
+* :class:`CapturedELBO` (opt-in, ``--train.capture``) records the lean loss once per input
+  shape as a straight-line graph of tensor ops and replays it, for programs whose structure
+  and scales never change.
+* :func:`log_weights` is :func:`ppl_vae.objectives.log_weights` (per-datum importance
+  weights) without traces, for the importance-sampled log p(x) of :mod:`ppl_vae.evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+import pyro
+import torch
+from pyro.distributions.util import scale_and_mask
+from pyro.infer import Trace_ELBO
+from pyro.infer.util import is_validation_enabled
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.runtime import Message
+from pyro.poutine.subsample_messenger import _Subsample
+from torch.distributions import Bernoulli, Independent, Normal, constraints
+from torch.nn import functional as F
+
+_BERNOULLI_LOG_PROB = Bernoulli.log_prob
+_NORMAL_LOG_PROB = Normal.log_prob
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+FUSED_LOG_PROBS = True  # False: every site through fn.log_prob (benchmark ablations only)
+
+
+def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
+    """Σ scale_and_mask(fn.log_prob(value), scale, mask) over every dimension.
+
+    For a (possibly ``to_event``'d) :class:`~torch.distributions.Bernoulli` under a scalar
+    scale and no mask, this is ``-binary_cross_entropy_with_logits(..., reduction="sum")``:
+    the very kernel ``Bernoulli.log_prob`` runs, reduced inside the kernel instead of through
+    an elementwise tensor, a negation and two sums (forward and backward). For a Normal it is
+    −½ Σ ((v − loc)/scale)² − Σ log scale − n·½ log 2π, four fewer tensor ops than
+    ``Normal.log_prob`` followed by sums. Anything else goes through ``fn.log_prob``.
+    """
+    if FUSED_LOG_PROBS and mask is None and isinstance(scale, int | float):
+        base = fn
+        while isinstance(base, Independent):
+            base = base.base_dist
+        if (
+            isinstance(base, Bernoulli)
+            and type(base).log_prob is _BERNOULLI_LOG_PROB
+            and not base._validate_args
+        ):
+            logits, target = base.logits, value
+            if logits.shape != target.shape:
+                logits, target = torch.broadcast_tensors(logits, target)
+            log_p = -F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+            return log_p if scale == 1.0 else log_p * scale
+        if isinstance(base, Normal) and type(base).log_prob is _NORMAL_LOG_PROB:
+            if not base._validate_args:
+                loc, sd = base.loc, base.scale
+                if not value.shape == loc.shape == sd.shape:
+                    value, loc, sd = torch.broadcast_tensors(value, loc, sd)
+                log_p = (
+                    -0.5 * ((value - loc) / sd).square().sum()
+                    - sd.log().sum()
+                    - value.numel() * _HALF_LOG_2PI
+                )
+                return log_p if scale == 1.0 else log_p * scale
+    return scale_and_mask(fn.log_prob(value), scale, mask).sum()
+
+
+class NeedsTraceELBO(Exception):
+    """Raised inside a lean run when a site needs what only the full ``Trace_ELBO`` does."""
+
+
+class _GuideThenModel(Messenger):
+    """Accumulates log p(x, z) − log q(z|x) over one guide run and one replayed model run.
+
+    Used as the outermost handler, so every inner handler (plates, ``poutine.scale``,
+    ``poutine.mask``, blocks) has acted on a site before it is seen here, as with
+    ``poutine.trace``. ``sign`` is −1 while the guide runs and +1 while the model runs.
+    """
+
+    def __init__(self, own_params: dict[int, torch.Tensor]):
+        super().__init__()
+        self.own_params = own_params
+        self.guide_values: dict[str, torch.Tensor] = {}
+        self.in_model = False
+        self.elbo: torch.Tensor | float = 0.0
+
+    def _pyro_param(self, msg: Message) -> None:
+        # pyro.module(name, net) asks the store for each of net's parameters and keeps using
+        # net's own tensor; under the module interface the store's answer changes nothing, so
+        # the model's own real-valued parameters are returned as they are.
+        args = msg["args"]
+        if (
+            len(args) > 1
+            and self.own_params.get(id(args[1])) is args[1]
+            and msg["kwargs"].get("constraint", constraints.real) is constraints.real
+        ):
+            msg["value"] = args[1]
+            msg["done"] = True
+
+    def _pyro_sample(self, msg: Message) -> None:
+        if self.in_model and not msg["is_observed"]:
+            value = self.guide_values.get(msg["name"])
+            if value is not None:  # replay the guide's draw, as poutine.replay does
+                msg["value"] = value
+                msg["done"] = True
+
+    def _pyro_post_sample(self, msg: Message) -> None:
+        fn = msg["fn"]
+        if isinstance(fn, _Subsample):  # a plate's index draw, pruned by Trace_ELBO too
+            return
+        if msg["infer"].get("enumerate") or not (self.in_model or fn.has_rsample):
+            raise NeedsTraceELBO(msg["name"])
+        if msg["args"] or msg["kwargs"]:
+            log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+            log_p = scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
+        else:
+            log_p = log_prob_sum(fn, msg["value"], msg["scale"], msg["mask"])
+        if self.in_model:
+            self.elbo = self.elbo + log_p
+        else:
+            self.elbo = self.elbo - log_p
+            if not msg["is_observed"]:
+                self.guide_values[msg["name"]] = msg["value"]
+
+
+def _random_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_random_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class LeanTrace_ELBO(Trace_ELBO):
+    """``Trace_ELBO`` whose differentiable loss skips trace bookkeeping when it may.
+
+    For a guide whose latent sites are all reparameterized, Trace_ELBO's loss is
+    −(Σ_model log p − Σ_guide log q), each site's log-density scaled and masked and summed over
+    every dimension, averaged over particles; this class computes that sum while the programs
+    run. With validation enabled, with ``max_plate_nesting`` unknown under vectorized
+    particles, or once a site has needed a score function or enumeration, it defers to
+    ``Trace_ELBO`` (all its checks included). ``loss`` and ``loss_and_grads`` (used by
+    :class:`pyro.infer.SVI`) are Trace_ELBO's own.
+
+    :param own_params: the parameters of the module(s) being trained; ``pyro.module``
+        registrations of exactly these tensors are answered without the param store.
+    """
+
+    def __init__(self, *args, own_params: Iterable[torch.Tensor] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.own_params = {id(p): p for p in own_params}
+        self.fallbacks = 0  # times the lean path handed a call to Trace_ELBO
+        self.needs_trace_elbo = False
+        self.rng_state: tuple | None = None
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        lean_possible = not is_validation_enabled() and not (
+            self.vectorize_particles and self.max_plate_nesting == math.inf
+        )
+        if lean_possible and not self.needs_trace_elbo:
+            # The first lean call keeps the random state: if the program turns out to need
+            # Trace_ELBO, it gets the draws it would have had (seed replays stay exact).
+            first = self.rng_state is None
+            if first:
+                self.rng_state = _random_state()
+            try:
+                return self._lean_loss(model, guide, args, kwargs)
+            except NeedsTraceELBO:
+                self.fallbacks += 1
+                self.needs_trace_elbo = True  # programs have static structure (as for JIT)
+                if first:
+                    _set_random_state(self.rng_state)
+        return super().differentiable_loss(model, guide, *args, **kwargs)
+
+    def _lean_loss(self, model, guide, args, kwargs, own_params=None) -> torch.Tensor:
+        if self.vectorize_particles:
+            model = self._vectorized_num_particles(model)
+            guide = self._vectorized_num_particles(guide)
+            runs = 1
+        else:
+            runs = self.num_particles
+        loss = 0.0
+        for _ in range(runs):
+            with _GuideThenModel(self.own_params if own_params is None else own_params) as handler:
+                guide(*args, **kwargs)
+                handler.in_model = True
+                model(*args, **kwargs)
+            loss = loss - handler.elbo
+        return loss / self.num_particles
+
+
+class _LogWeights(_GuideThenModel):
+    """Like :class:`_GuideThenModel`, but keeps each site's batch-shaped log-density, computed
+    with the very ops ``Trace.compute_log_prob`` uses (``fn.log_prob``, then
+    ``scale_and_mask``), so the weights can be summed bit for bit as the traced version does."""
+
+    def __init__(self):
+        super().__init__({})
+        self.model_terms: list[torch.Tensor] = []
+        self.guide_terms: list[torch.Tensor] = []
+
+    def _pyro_post_sample(self, msg: Message) -> None:
+        fn = msg["fn"]
+        if isinstance(fn, _Subsample):  # log-density 0: adding it changes no bit
+            return
+        log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        log_p = scale_and_mask(log_p, msg["scale"], msg["mask"])
+        if self.in_model:
+            self.model_terms.append(log_p)
+        elif not msg["is_observed"]:
+            self.guide_terms.append(log_p)
+            self.guide_values[msg["name"]] = msg["value"]
+
+
+def log_weights(
+    model_fn: Callable, guide_fn: Callable, x: torch.Tensor, num_particles: int, plate_dim: int
+) -> torch.Tensor:
+    """:func:`ppl_vae.objectives.log_weights` without traces: a ``(num_particles, B)`` tensor.
+
+    log p(x, z) − log q(z|x) for ``num_particles`` draws z ~ q(z|x) per datapoint, the guide
+    and model run once each under a particle plate at ``plate_dim`` (left of ``"data"``), with
+    Pyro validation off; the draws consume the random stream exactly as the traced version's,
+    and the sums are taken in its order with its ops: the result is bit for bit the same.
+    """
+
+    def particles(fn: Callable) -> Callable:
+        def wrapped(*args):
+            with pyro.plate("particles", num_particles, dim=plate_dim):
+                return fn(*args)
+
+        return wrapped
+
+    with pyro.validation_enabled(False), _LogWeights() as handler:
+        particles(guide_fn)(x)
+        handler.in_model = True
+        particles(model_fn)(x)
+    log_w = x.new_zeros(num_particles, x.shape[0])
+    for term in handler.model_terms:  # the traced version's order: model sites, then guide's
+        log_w = log_w + term
+    for term in handler.guide_terms:
+        log_w = log_w - term
+    return log_w
+
+
+_PLAIN = (bool, int, float, str)
+
+
+class _LossOf(torch.nn.Module):
+    """``forward(x, values)``: the lean loss of ``loss_fn``'s programs, with ``values`` (the
+    tensors that stand for ``model``'s parameters) answering ``pyro.module`` registrations."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.program = (loss_fn.model, loss_fn.guide)
+        self.elbo = loss_fn.elbo
+
+    def forward(self, x: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
+        own = {id(v): v for v in values}
+        return self.elbo._lean_loss(*self.program, (x,), {}, own_params=own)
+
+
+def python_state(model: torch.nn.Module) -> tuple:
+    """The plain Python values (bool, int, float, str) held by ``model`` and its submodules."""
+    return tuple(
+        (prefix, attr, value)
+        for prefix, module in model.named_modules()
+        for attr, value in vars(module).items()
+        if type(value) in _PLAIN
+    )
+
+
+class CapturedELBO(torch.nn.Module):
+    """A :class:`LeanTrace_ELBO` loss recorded once as a straight-line graph of tensor ops.
+
+    The first call for an input shape (and dtype, device, train/eval mode) runs the lean loss
+    under :func:`torch.fx.experimental.proxy_tensor.make_fx`, with the model's parameters and
+    buffers as graph inputs; every later call replays that graph: the same tensor operations,
+    random draws included (``normal_`` nodes draw afresh each call, from the same stream), with
+    none of the Pyro, distribution or module Python around them. Gradients flow to the
+    parameters as usual. With Pyro validation on it is the wrapped loss (Trace_ELBO's checks).
+
+    Opt-in (``--train.capture``), like Pyro's ``JitTrace_ELBO`` and for the same reason: the
+    graph freezes whatever Python decides while the programs run. The plain Python values held
+    by the model and its submodules (a KL weight set by a schedule, ``training``) are part of
+    the graph's key (:func:`python_state`): a call whose key differs from the previous call's
+    runs the lean loss, and a graph is recorded only once a key repeats, so a weight that
+    changes every step trains lean (and exact) until it settles. State the key cannot see,
+    globals, closures, values inside tensors, is replayed stale: call :meth:`reset` after
+    changing it.
+    Programs that branch on tensor values (a VQ-VAE's training-time bookkeeping) cannot be
+    recorded at all: then it warns once and computes the lean loss instead.
+
+    :param loss_fn: ``LeanTrace_ELBO()(model.model, model.guide)``.
+    :param model: the module whose parameters and buffers the programs use.
+    """
+
+    def __init__(self, loss_fn: torch.nn.Module, model: torch.nn.Module):
+        super().__init__()
+        self.loss_fn = loss_fn
+        self.target = [model]  # a list, so the model is not registered as a submodule twice
+        self.graphs: dict[tuple, Callable] = {}
+        self.unrecordable: str | None = None  # why recording failed; then the lean loss runs
+        self.last_key: tuple | None = None
+        self.max_graphs = 8
+
+    def reset(self) -> None:
+        """Forget the recorded graphs (the next call records afresh)."""
+        self.graphs.clear()
+        self.unrecordable = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_validation_enabled() or self.unrecordable is not None:
+            return self.loss_fn(x)
+        (model,) = self.target
+        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+        key = (tuple(x.shape), x.dtype, x.device, tuple(tensors), python_state(model))
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key != self.last_key:  # new or changing state: lean until it holds still
+                self.last_key = key
+                return self.loss_fn(x)
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.clear()
+            graph = self._record(model, list(tensors), tensors, x)
+            if graph is None:
+                return self.loss_fn(x)
+            self.graphs[key] = graph
+        self.last_key = key
+        return graph(list(tensors.values()), x)
+
+    def _record(self, model, names, tensors, x) -> Callable | None:
+        """The recorded graph, or None (with a warning) when the programs cannot be recorded.
+
+        Recording runs the loss once for real; the random state and the buffers are put back
+        afterwards, so that the first replay draws and updates exactly as an unrecorded call.
+        """
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        holder = _LossOf(model, self.loss_fn)
+
+        def loss(values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            # functional_call puts the graph's inputs in place of the model's tensors while the
+            # loss runs (the programs read them from the model), then puts the tensors back.
+            swapped = {f"model.{name}": value for name, value in zip(names, values, strict=True)}
+            return torch.func.functional_call(holder, swapped, (x, values))
+
+        state = _random_state()
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        try:
+            graph = make_fx(loss)(list(tensors.values()), x)
+        except Exception as err:  # e.g. Python that reads tensor values (bool(tensor))
+            # The lean loss runs the same code untraced, so a genuine error still surfaces.
+            self.unrecordable = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            warnings.warn(
+                f"--train.capture: the loss cannot be recorded ({self.unrecordable});"
+                " training with the lean loss instead",
+                stacklevel=3,
+            )
+            return None
+        finally:
+            _set_random_state(state)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+        # Drop what nothing reads (a plate's index tensor, unused constants). In-place ops,
+        # the random draws among them (empty + normal_), count as side effects and stay.
+        graph.graph.eliminate_dead_code()
+        graph.recompile()
+        return graph
+
+
+class TrainStep:
+    """One SVI step of ``fit``: −ELBO, backward of its batch mean, optimizer step, zero grads.
+
+    :param loss_fn: the ELBO in module form, ``elbo(model.model, model.guide)``.
+    :param optimizer: a torch optimizer over the model's parameters.
+    :param validate: ``"first"`` (default) validates the first call only; ``"always"``
+        validates every call (Pyro's default behaviour, the plain path). Nothing is validated
+        while Pyro validation is switched off globally.
+    """
+
+    def __init__(
+        self,
+        loss_fn: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        validate: Literal["first", "always"] = "first",
+    ):
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.validate = validate
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Take one step on the batch ``x``; returns the detached −ELBO summed over the batch."""
+        validating = is_validation_enabled() and (self.validate == "always" or self.calls == 0)
+        self.calls += 1
+        with pyro.validation_enabled(validating):
+            loss = self.loss_fn(x)
+            (loss / x.shape[0]).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @staticmethod
+    def check_finite(total: float, where: str) -> None:
+        """Warn, as Pyro's per-step validation would, when a read-back loss is NaN or ±inf."""
+        if not math.isfinite(total):
+            warnings.warn(f"-ELBO is {total} in {where}: training diverged", stacklevel=2)
+
+
+def own_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters :class:`LeanTrace_ELBO` may hand back without the param store."""
+    return [p for p in model.parameters() if p.requires_grad]
