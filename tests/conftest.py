@@ -272,7 +272,7 @@ def pytest_terminal_summary(terminalreporter, config):
         write(
             f"two-sided z-scores: {z.numel()}; |z| > 2: {(z > 2).double().mean():.2%} "
             f"(≈ 4.6 % expected), |z| > 3: {(z > 3).double().mean():.3%} (≈ 0.27 %), "
-            f"largest {z.max():.2f}"
+            f"largest {z.max():.2f} (comparisons within a test are correlated)"
         )
     if selected != {stats.COMPARISONS}:
         write(

@@ -67,7 +67,9 @@ def z_scores() -> list[float]:
     """``(mean - expected) / (s/√n)`` of each two-sided comparison since :func:`reset_count`.
 
     Their spread calibrates the suite far better than its rare failures: across a seed sweep,
-    about 4.6 % should exceed 2 in absolute value and 0.27 % should exceed 3.
+    about 4.6 % should exceed 2 in absolute value and 0.27 % should exceed 3. The comparisons of
+    one test share draws (the 48 gradient components, say), so these fractions scatter more
+    than binomially from sweep to sweep.
     """
     return list(_z_scores)
 
