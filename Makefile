@@ -32,8 +32,10 @@ data:
 run: setup data
 	$(BIN)/ppl-vae train
 
+# The notebooks run with the small budget (under a minute for all three here) through nbmake.
 test: setup data lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	PPL_VAE_NOTEBOOK_BUDGET=small $(BIN)/python -m pytest --nbmake --nbmake-timeout=900 notebooks
 
 test-slow: setup data
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)

@@ -65,13 +65,24 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    name: Literal["trace", "meanfield"] = "trace"
-    """trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL)."""
+    name: Literal["trace", "meanfield", "tracegraph", "renyi", "iwae", "stl", "dreg"] = "trace"
+    """trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL);
+    tracegraph: TraceGraph_ELBO; renyi: Rényi bound of order --objective.alpha; iwae:
+    importance-weighted bound, per datapoint; stl: ELBO with sticking-the-landing gradients;
+    dreg: IWAE bound with doubly reparameterized gradients (see ppl_vae.estimators)."""
     num_particles: int = 1
-    """Samples of z per datapoint in each ELBO estimate (vectorized)."""
+    """Samples of z per datapoint in each ELBO estimate (vectorized); K of iwae/renyi/dreg."""
+    alpha: float = 0.5
+    """Order α of the Rényi bound (--objective renyi); α ≠ 1, and α = 0 is the IWAE bound."""
 
     def __post_init__(self) -> None:
         check(self.num_particles >= 1, "--objective.num-particles", ">= 1", self.num_particles)
+        check(
+            self.name != "renyi" or self.alpha != 1,
+            "--objective.alpha",
+            "different from 1 for --objective renyi (α = 1 is the ELBO: --objective trace)",
+            self.alpha,
+        )
 
 
 @dataclass(frozen=True)

@@ -422,14 +422,31 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Take one step on the batch ``x``; returns the detached −ELBO summed over the batch."""
-        validating = is_validation_enabled() and (self.validate == "always" or self.calls == 0)
-        self.calls += 1
-        with pyro.validation_enabled(validating):
+        if is_validation_enabled() and self.validate == "always":
             loss = self.loss_fn(x)
-            (loss / x.shape[0]).backward()
+        else:
+            if is_validation_enabled() and self.calls == 0:
+                self.check(x)
+            with pyro.validation_enabled(False):
+                loss = self.loss_fn(x)
+        self.calls += 1
+        (loss / x.shape[0]).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def check(self, x: torch.Tensor) -> None:
+        """Run the model and guide once with Pyro's validation on, for its checks alone.
+
+        A separate pass without gradients, whose random draws are undone afterwards: the steps
+        that train are then the same arithmetic whether or not they follow a check, so a run
+        resumed from a checkpoint (which checks its first step again) repeats an uninterrupted
+        one bit for bit.
+        """
+        devices = [x.device.index or 0] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with pyro.validation_enabled(True):
+                self.loss_fn(x)
 
     @staticmethod
     def check_finite(total: float, where: str) -> None:

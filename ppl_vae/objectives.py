@@ -28,7 +28,15 @@ ELBOS: dict[str, type[ELBO]] = {
 
 
 def make_elbo(cfg: ObjectiveConfig) -> ELBO:
-    """The Pyro ELBO named by ``cfg.name``, vectorizing particles when there is more than one."""
+    """The Pyro ELBO named by ``cfg.name``, vectorizing particles when there is more than one.
+
+    ``tracegraph``, ``renyi``, ``iwae``, ``stl`` and ``dreg`` come from
+    :func:`ppl_vae.estimators.make_estimator` (per-datapoint bounds built on Pyro traces).
+    """
+    if cfg.name not in ELBOS:
+        from ppl_vae.estimators import make_estimator  # it builds on this module
+
+        return make_estimator(cfg.name, cfg.num_particles, cfg.alpha)
     return ELBOS[cfg.name](
         num_particles=cfg.num_particles,
         vectorize_particles=cfg.num_particles > 1,

@@ -25,6 +25,7 @@ TESTS = Path(__file__).resolve().parent
 SEEDS = pytest.StashKey[list]()
 DECLARED = pytest.StashKey[int]()
 OUTCOMES = pytest.StashKey[dict]()  # seed -> {test name: (passed, declared comparisons)}
+Z_SCORES = pytest.StashKey[list]()  # the two-sided z-scores of a sweep
 
 
 @pytest.fixture(autouse=True)
@@ -154,6 +155,7 @@ def pytest_configure(config):
     option = config.getoption("--stat-seeds")
     config.stash[SEEDS] = parse_seeds(option) if option else []
     config.stash[OUTCOMES] = {}
+    config.stash[Z_SCORES] = []
 
 
 def pytest_generate_tests(metafunc):
@@ -217,6 +219,7 @@ def pytest_runtest_makereport(item, call):
         seed = item.callspec.params["seed"]
         runs = item.config.stash[OUTCOMES].setdefault(seed, {})
         runs[_without_seed(item)] = (report.passed, declared)
+        item.config.stash[Z_SCORES].extend(stats.z_scores())
     return report
 
 
@@ -264,6 +267,13 @@ def pytest_terminal_summary(terminalreporter, config):
         f"(one-sided 95% upper bound {binomial_upper_bound(len(bad), n):.3g}); "
         f"budget {stats.BUDGET:g} per full run"
     )
+    z = torch.tensor(config.stash[Z_SCORES], dtype=torch.float64).abs()
+    if z.numel():
+        write(
+            f"two-sided z-scores: {z.numel()}; |z| > 2: {(z > 2).double().mean():.2%} "
+            f"(≈ 4.6 % expected), |z| > 3: {(z > 3).double().mean():.3%} (≈ 0.27 %), "
+            f"largest {z.max():.2f} (comparisons within a test are correlated)"
+        )
     if selected != {stats.COMPARISONS}:
         write(
             "note: not every comparison of the suite ran for every seed; the budget bounds "
