@@ -188,8 +188,11 @@ def khat_figure(khat: torch.Tensor, path: Path) -> Path:
     return Path(path)
 
 
-def posterior_pairs_figure(idata: dict, path: Path, point: int = 0, dims: int = 3) -> Path:
-    """Pair plot of the first ``dims`` latent dimensions of one test image: draws of NUTS,
+def posterior_pairs_figure(
+    idata: dict, path: Path, point: int = 0, dims: list[int] | None = None
+) -> Path:
+    """Pair plot of latent dimensions ``dims`` (default: the three where NUTS is narrowest,
+    i.e. the data inform them most) of one test image: draws of NUTS,
     q(z|x) and q*(z|x) (InferenceData of :mod:`ppl_vae.diagnostics`) overlaid, histograms on
     the diagonal, scatter plots below it."""
     plt = _pyplot()
@@ -199,7 +202,10 @@ def posterior_pairs_figure(idata: dict, path: Path, point: int = 0, dims: int = 
         name: item.posterior["z"].sel(point=point).values.reshape(-1, item.posterior.sizes["z_dim"])
         for name, item in idata.items()
     }
-    d = min(dims, next(iter(draws.values())).shape[1])
+    if dims is None:
+        dims = draws["nuts"].std(0).argsort()[:3].tolist()
+    draws = {name: z[:, dims] for name, z in draws.items()}
+    d = len(dims)
     fig, axes = plt.subplots(d, d, figsize=(2.4 * d + 0.6, 2.4 * d), dpi=100, squeeze=False)
     for i in range(d):
         for j in range(d):
@@ -213,9 +219,9 @@ def posterior_pairs_figure(idata: dict, path: Path, point: int = 0, dims: int = 
                 else:
                     ax.scatter(z[:, j], z[:, i], s=3, alpha=0.3, color=colors[name])
             if i == d - 1:
-                ax.set_xlabel(f"z[{j}]")
+                ax.set_xlabel(f"z[{dims[j]}]")
             if j == 0 and i > 0:
-                ax.set_ylabel(f"z[{i}]")
+                ax.set_ylabel(f"z[{dims[i]}]")
     handles = [
         plt.Line2D([], [], marker="o", ls="", color=colors[n], label=names[n]) for n in draws
     ]

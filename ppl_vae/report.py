@@ -224,7 +224,8 @@ def diagnostics_section(run_dir: Path) -> list[str]:
     if (Path(run_dir) / plots.POSTERIOR_PAIRS).exists():
         lines += [
             f"NUTS on p(z|x) ({diag.get('nuts_images', 0)} images, the trained decoder fixed) "
-            "against q(z|x) and q*(z|x), first latent dimensions of test image 0; "
+            "against q(z|x) and q*(z|x), the three latent dimensions of test image 0 that "
+            "NUTS finds narrowest; "
             "InferenceData in `posterior_nuts.nc`, `posterior_q.nc`, `posterior_q_star.nc`, "
             "the importance weights in `importance.nc`:",
             "",
