@@ -77,13 +77,13 @@ class DiagnoseConfig:
     """Particles per step of the local Trace_ELBO."""
     elbo_particles: int = 1000
     """Draws of z for the reported ELBO(q) and ELBO(q*)."""
-    nuts_images: int = 3
+    nuts_images: int = 2
     """Test images (the first ones) with NUTS posteriors (0: skip NUTS)."""
     nuts_chains: int = 2
     """NUTS chains per image, run one after the other (r_hat needs two or more)."""
-    nuts_warmup: int = 200
+    nuts_warmup: int = 100
     """NUTS warm-up steps per chain."""
-    nuts_samples: int = 200
+    nuts_samples: int = 100
     """NUTS draws per chain kept."""
     batch_size: int = 100
     """Images per batch for the importance weights."""

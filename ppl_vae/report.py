@@ -63,6 +63,12 @@ def write_latent_figures(
         plots.manifold_figure(model, run_dir / plots.MANIFOLD, shape)
 
 
+def markdown_table(rows: list[tuple[str, str]]) -> list[str]:
+    """A two-column ``| quantity | value |`` table; bars inside cells are escaped."""
+    escaped = [(label.replace("|", "\\|"), value.replace("|", "\\|")) for label, value in rows]
+    return ["| quantity | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in escaped)]
+
+
 def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) -> Path:
     """Assemble ``report.md`` from config.json, metrics.csv, eval.json and the figures."""
     run_dir = Path(run_dir)
@@ -83,18 +89,16 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
         lines += [
             f"## Results on the {ev['split']} set ({ev['images']} images)",
             "",
-            "| quantity | value |",
-            "|---|---|",
         ]
+        rows = []
         for key, label in LABELS.items():
             if key in ev:
                 value = f"{ev[key]:.4g}"
                 if key == "nll_is":
                     label = f"{label}, k = {ev['k']}"
                     value = f"{ev[key]:.2f} ± {ev['nll_is_stderr']:.2f}"
-                cell = label.replace("|", "\\|")  # a bar inside a table cell must be escaped
-                lines.append(f"| {cell} | {value} |")
-        lines.append("")
+                rows.append((label, value))
+        lines += [*markdown_table(rows), ""]
         if "nll_is" in ev:
             lines += [
                 "The ± is the standard error over test images. -ELBO ≥ -log p(x) estimate: the "
@@ -209,15 +213,15 @@ def diagnostics_section(run_dir: Path) -> list[str]:
         f"q* fitted per image by {diag['config']['local_steps']} Adam steps with the decoder "
         "frozen.",
         "",
-        "| quantity | value |",
-        "|---|---|",
     ]
+    rows = []
     for key, label in DIAGNOSTIC_LABELS.items():
         if key in diag:
             value = f"{diag[key]:.4g}"
             if f"{key}_stderr" in diag:
                 value = f"{diag[key]:.3g} ± {diag[key + '_stderr']:.2g}"
-            lines.append(f"| {label.replace('|', chr(92) + '|')} | {value} |")
+            rows.append((label, value))
+    lines += markdown_table(rows)
     lines += ["", "The ± is the standard error over images.", ""]
     if (Path(run_dir) / plots.KHAT).exists():
         lines += [f"![k-hat histogram]({plots.KHAT})", ""]

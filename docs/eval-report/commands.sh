@@ -7,6 +7,6 @@ R=${RUNS:-runs}/fmnist-vae
 ppl-vae train vae --name fmnist-vae --runs-dir "${RUNS:-runs}" --train.epochs 10 --eval.k 100 \
     --no-train.progress                      # interrupted after epoch 4
 ppl-vae train --resume "$R" --train.epochs 4  # final evaluation (k = 100, full test set) + report
-ppl-vae diagnose "$R" --device cpu --nuts-images 2 --nuts-warmup 100 --nuts-samples 100  # 1m43s
+ppl-vae diagnose "$R" --device cpu  # defaults: 2 NUTS images, 100 + 100 steps; 1m43s
 ppl-vae evaluate "$R" --k 5000 --images 1000 --device cpu                                # 1m54s
 ppl-vae report "$R" --device cpu
