@@ -46,12 +46,12 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.distributions.util import scale_and_mask
 from pyro.infer import ELBO, TraceGraph_ELBO
 from pyro.poutine.util import site_is_subsample
 from torch import distributions as tdist
 
+from ppl_vae import objectives
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.errors import ConfigError
 from ppl_vae.objectives import MAX_PLATE_NESTING, log_mean_exp, loss_module
@@ -94,19 +94,14 @@ def latent_sites(trace) -> list[dict]:
 def particle_traces(
     model_fn: Callable, guide_fn: Callable, num_particles: int, args, kwargs, objective: str
 ):
-    """Guide and replayed model traces under a particle plate to the left of ``"data"``.
+    """:func:`ppl_vae.objectives.particle_traces`, for objectives that differentiate through
+    the guide's draws.
 
     Raises :class:`ConfigError` when a latent site of the guide cannot be reparameterized.
     """
-
-    def particles(fn: Callable) -> Callable:
-        def wrapped(*a, **k):
-            with pyro.plate("particles", num_particles, dim=-(MAX_PLATE_NESTING + 1)):
-                return fn(*a, **k)
-
-        return wrapped
-
-    guide_trace = poutine.trace(particles(guide_fn)).get_trace(*args, **kwargs)
+    model_trace, guide_trace = objectives.particle_traces(
+        model_fn, guide_fn, num_particles, *args, **kwargs
+    )
     for site in latent_sites(guide_trace):
         if not site["fn"].has_rsample:
             raise ConfigError(
@@ -115,8 +110,6 @@ def particle_traces(
                 "reparameterizable; use --objective tracegraph (score-function gradients with "
                 "baselines) or trace"
             )
-    replayed = poutine.replay(particles(model_fn), trace=guide_trace)
-    model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
     return model_trace, guide_trace
 
 

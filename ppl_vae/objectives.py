@@ -62,26 +62,36 @@ def loss_module(model, cfg: ObjectiveConfig, lean: bool = True) -> torch.nn.Modu
     return elbo(model.model, model.guide)
 
 
+def particle_traces(model_fn: Callable, guide_fn: Callable, num_particles: int, *args, **kwargs):
+    """``(model_trace, guide_trace)`` of one vectorized run under a particle plate.
+
+    The guide runs under a plate of ``num_particles`` to the left of ``"data"``; the model is
+    replayed on the guide's draws under the same plate. Every site keeps its particle and data
+    dimensions, so nothing is pooled over the batch.
+    """
+
+    def particles(fn: Callable) -> Callable:
+        def wrapped(*a, **k):
+            with pyro.plate("particles", num_particles, dim=-(MAX_PLATE_NESTING + 1)):
+                return fn(*a, **k)
+
+        return wrapped
+
+    guide_trace = poutine.trace(particles(guide_fn)).get_trace(*args, **kwargs)
+    replayed = poutine.replay(particles(model_fn), trace=guide_trace)
+    return poutine.trace(replayed).get_trace(*args, **kwargs), guide_trace
+
+
 def log_weights(
     model_fn: Callable, guide_fn: Callable, x: torch.Tensor, num_particles: int
 ) -> torch.Tensor:
     """log p(x, z) - log q(z|x) for ``num_particles`` draws z ~ q(z|x), one per datapoint.
 
-    Runs the guide and the model (replayed on the guide's draws) under a particle plate to the
-    left of ``"data"`` and sums each site's log density, keeping the plate dimensions. Returns a
-    ``(num_particles, B)`` tensor: the importance weights of every datapoint, not pooled over the
-    batch.
+    Sums each site's log density of :func:`particle_traces`, keeping the plate dimensions.
+    Returns a ``(num_particles, B)`` tensor: the importance weights of every datapoint, not
+    pooled over the batch.
     """
-
-    def particles(fn: Callable) -> Callable:
-        def wrapped(*args):
-            with pyro.plate("particles", num_particles, dim=-(MAX_PLATE_NESTING + 1)):
-                return fn(*args)
-
-        return wrapped
-
-    guide_trace = poutine.trace(particles(guide_fn)).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(particles(model_fn), trace=guide_trace)).get_trace(x)
+    model_trace, guide_trace = particle_traces(model_fn, guide_fn, num_particles, x)
     log_w = x.new_zeros(num_particles, x.shape[0])
     for trace, sign in ((model_trace, 1.0), (guide_trace, -1.0)):
         trace.compute_log_prob()
