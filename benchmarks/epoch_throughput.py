@@ -6,8 +6,8 @@ slices of the device-resident uint8 tensor, ``data.to_input``), with the loss su
 device and read back once at the end of the epoch. Contenders differ only in the step:
 
 * ``reference``: benchmarks/reference_vae.ReferenceStep (analytic KL, written by hand);
-* ``ppl_vae``: ppl_vae.fast.TrainStep as built by fit (lean Trace_ELBO, first step validated);
-* ``ppl_vae_captured`` (unless --no-captured): the same with ``--train.capture`` (opt-in);
+* ``ppl_vae``: fit's default step, the model's step hook included (benchmarks.step_overhead);
+* ``ppl_vae_lean`` (unless --no-lean): the same with ``--no-train.capture``;
 * ``ppl_vae_plain`` (unless --no-plain): Trace_ELBO validated at every step (the "before").
 
 Network: Pyro's VAE example (784-400-50 softplus), Adam 1e-3, batch 256 by default. Each
@@ -53,18 +53,18 @@ def main(argv: list[str] | None = None) -> None:
         "--images", type=int, default=0, help="train on the first N images only (0: all 50,000)"
     )
     parser.add_argument("--no-plain", action="store_true", help="leave out ppl_vae_plain")
-    parser.add_argument("--no-captured", action="store_true", help="leave out ppl_vae_captured")
+    parser.add_argument("--no-lean", action="store_true", help="leave out ppl_vae_lean")
     args = parser.parse_args(argv)
     device = setup(args)
     source = training_images(args.images, device)
     steps = {
         "reference": ReferenceStep(ReferenceVAE(PYRO_EXAMPLE).to(device)),
-        "ppl_vae": ppl_vae_step(device, lean=True),
+        "ppl_vae": ppl_vae_step(device),
     }
-    if not args.no_captured:
-        steps["ppl_vae_captured"] = ppl_vae_step(device, lean=True, capture=True)
+    if not args.no_lean:
+        steps["ppl_vae_lean"] = ppl_vae_step(device, "lean")
     if not args.no_plain:
-        steps["ppl_vae_plain"] = ppl_vae_step(device, lean=False)
+        steps["ppl_vae_plain"] = ppl_vae_step(device, "plain")
     orders = {name: torch.Generator().manual_seed(args.seed) for name in steps}
     losses: dict[str, float] = {}
 

@@ -3,10 +3,11 @@
 Contenders (same 784-400-50 softplus networks from ppl_vae.nets, Adam 1e-3, same batch):
 
 * ``reference``: benchmarks/reference_vae.py, -ELBO written by hand with the analytic KL;
-* ``ppl_vae``: ppl_vae.fast.TrainStep over ppl_vae.objectives.loss_module, the exact code
-  ``ppl_vae.train.fit`` runs per batch (lean Trace_ELBO, Pyro validation on the first step);
-* ``ppl_vae_captured`` (unless --no-captured): the same with ``--train.capture`` (the loss
-  replayed as a recorded graph of tensor ops, ppl_vae.fast.CapturedELBO; opt-in);
+* ``ppl_vae``: what ``ppl_vae.train.fit`` runs per batch by default: the model's step hook,
+  then ppl_vae.fast.TrainStep over the lean Trace_ELBO recorded and replayed as a graph of
+  tensor ops (ppl_vae.fast.capture / CapturedELBO), Pyro validation on the first step;
+* ``ppl_vae_lean`` (unless --no-lean): the same with ``--no-train.capture``: the Pyro
+  programs run at every step under the lean ELBO;
 * ``ppl_vae_plain`` (unless --no-plain): the foundation's step, Pyro's Trace_ELBO with
   validation on at every step: the "before" figure.
 
@@ -25,7 +26,7 @@ from benchmarks.common import describe, interleave, make_parser, ratio_lines, se
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
 from ppl_vae import fast
 from ppl_vae.config import ObjectiveConfig
-from ppl_vae.fast import CapturedELBO, TrainStep
+from ppl_vae.fast import TrainStep, capture
 from ppl_vae.models import VAE, VAEConfig
 
 PYRO_EXAMPLE = VAEConfig(z_dim=50, hidden=(400,), activation="softplus")
@@ -45,19 +46,34 @@ def batch_of_images(n: int, device: torch.device) -> torch.Tensor:
     return data.to_input(images, "dynamic")
 
 
-def ppl_vae_step(device: torch.device, lean: bool, capture: bool = False) -> TrainStep:
-    """The step fit builds: default (lean), --train.capture, or the foundation's (not lean)."""
+class FitStep:
+    """One iteration of ``ppl_vae.train.fit``'s loop: the model's step hook, then the step."""
+
+    def __init__(self, model: VAE, step: TrainStep):
+        self.model, self.train_step, self.steps = model, step, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.model.on_train_step(self.steps)
+        self.steps += 1
+        return self.train_step(x)
+
+
+def ppl_vae_step(device: torch.device, variant: str = "default") -> FitStep:
+    """The step fit builds: ``default`` (the loss recorded and replayed, fast.capture),
+    ``lean`` (--no-train.capture: the programs run at every step) or ``plain`` (the
+    foundation's Trace_ELBO, validated at every step)."""
     from ppl_vae.objectives import loss_module
 
     model = VAE(PYRO_EXAMPLE).to(device)
-    loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=lean)
-    if capture:
-        loss_fn = CapturedELBO(loss_fn, model)
+    loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=variant != "plain")
+    if variant == "default":
+        loss_fn = capture(loss_fn, model)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return TrainStep(loss_fn, optimizer, validate="first" if lean else "always")
+    step = TrainStep(loss_fn, optimizer, validate="always" if variant == "plain" else "first")
+    return FitStep(model, step)
 
 
-def unfused(step: TrainStep):
+def unfused(step: FitStep):
     """``step`` with ppl_vae.fast's fused log-density sums switched off while it runs."""
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -89,14 +105,15 @@ def main(argv: list[str] | None = None) -> None:
         "--no-plain", action="store_true", help="leave out the foundation's plain Trace_ELBO step"
     )
     parser.add_argument(
-        "--no-captured", action="store_true", help="leave out the --train.capture step"
+        "--no-lean", action="store_true", help="leave out the --no-train.capture step"
     )
     parser.add_argument(
         "--ablation",
         action="store_true",
         help="add the steps between plain and ppl_vae, one optimization at a time:"
         " ablate_validate_first (Trace_ELBO, validation on the first step only) and"
-        " ablate_lean_unfused (LeanTrace_ELBO with every density through log_prob)",
+        " ablate_lean_unfused (LeanTrace_ELBO with every density through log_prob, no"
+        " capture)",
     )
     args = parser.parse_args(argv)
     device = setup(args)
@@ -107,16 +124,16 @@ def main(argv: list[str] | None = None) -> None:
         x = x_all[:batch]
         steps = max(1, args.images_per_sample // batch)
         reference = ReferenceStep(ReferenceVAE(PYRO_EXAMPLE).to(device))
-        contenders = {"reference": reference, "ppl_vae": ppl_vae_step(device, lean=True)}
-        if not args.no_captured:
-            contenders["ppl_vae_captured"] = ppl_vae_step(device, lean=True, capture=True)
+        contenders = {"reference": reference, "ppl_vae": ppl_vae_step(device)}
+        if not args.no_lean:
+            contenders["ppl_vae_lean"] = ppl_vae_step(device, "lean")
         if not args.no_plain:
-            contenders["ppl_vae_plain"] = ppl_vae_step(device, lean=False)
+            contenders["ppl_vae_plain"] = ppl_vae_step(device, "plain")
         if args.ablation:
-            validate_first = ppl_vae_step(device, lean=False)
-            validate_first.validate = "first"
+            validate_first = ppl_vae_step(device, "plain")
+            validate_first.train_step.validate = "first"
             contenders["ablate_validate_first"] = validate_first
-            contenders["ablate_lean_unfused"] = unfused(ppl_vae_step(device, lean=True))
+            contenders["ablate_lean_unfused"] = unfused(ppl_vae_step(device, "lean"))
         blocks = {
             name: (lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)])
             for name, step in contenders.items()

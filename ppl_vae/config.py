@@ -52,9 +52,10 @@ class TrainConfig:
     """auto picks cuda when available."""
     progress: bool = True
     """Show progress bars (they stay quiet when output is not a terminal)."""
-    capture: bool = False
-    """Replay the training loss as a recorded graph of tensor ops (ppl_vae.fast.CapturedELBO):
-    faster steps; exact while the model's state lives in its tensors and plain attributes."""
+    capture: bool = True
+    """Replay the Trace_ELBO training loss as a recorded graph of tensor ops
+    (ppl_vae.fast.CapturedELBO) for models that allow it: the same numbers, without Pyro's
+    per-step Python. --no-train.capture runs the programs at every step."""
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "--train.epochs", "a positive integer", self.epochs)

@@ -21,9 +21,12 @@ one seed through each and the plain path and checks losses, gradients and weight
   checks on the same program. What can still change between steps, a loss that becomes NaN
   or infinite, is checked on the summed loss that ``fit`` reads back once per epoch
   (:meth:`TrainStep.check_finite`). ``validate="always"`` keeps every step validated.
-* :class:`CapturedELBO` (opt-in, ``--train.capture``) records the lean loss once per input
-  shape as a straight-line graph of tensor ops and replays it, for programs whose structure
-  and scales never change.
+* :class:`CapturedELBO` (what ``fit`` trains with, for models that allow it; turned off by
+  ``--no-train.capture``) records the lean loss once per input shape as a straight-line graph
+  of tensor ops, simplified by exact rewrites (:func:`simplify_graph`), and replays it while
+  the model's plain Python state holds still.
+* The lean loss takes the log-density of a guide's reparameterized Normal draw at the draw
+  (:func:`neg_log_density_at_draw`): Σ log σ + ½ Σ ε², without recomputing (z − μ)/σ.
 * :func:`log_weights` is :func:`ppl_vae.objectives.log_weights` (per-datum importance
   weights) without traces, for the importance-sampled log p(x) of :mod:`ppl_vae.evaluate`.
 """
@@ -48,24 +51,40 @@ from torch.nn import functional as F
 
 _BERNOULLI_LOG_PROB = Bernoulli.log_prob
 _NORMAL_LOG_PROB = Normal.log_prob
+_NORMAL_RSAMPLE = Normal.rsample
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 FUSED_LOG_PROBS = True  # False: every site through fn.log_prob (benchmark ablations only)
 
 
-def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
-    """Σ scale_and_mask(fn.log_prob(value), scale, mask) over every dimension.
+def _base(fn):
+    """``fn`` without its :class:`~torch.distributions.Independent` wrappers."""
+    while isinstance(fn, Independent):
+        fn = fn.base_dist
+    return fn
+
+
+def _plain_normal(base) -> bool:
+    """A Normal whose ``rsample``/``log_prob`` are torch's own (so the formulas below hold)."""
+    return (
+        isinstance(base, Normal)
+        and type(base).log_prob is _NORMAL_LOG_PROB
+        and type(base).rsample is _NORMAL_RSAMPLE
+        and not base._validate_args
+    )
+
+
+def neg_log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
+    """−Σ scale_and_mask(fn.log_prob(value), scale, mask) over every dimension.
 
     For a (possibly ``to_event``'d) :class:`~torch.distributions.Bernoulli` under a scalar
-    scale and no mask, this is ``-binary_cross_entropy_with_logits(..., reduction="sum")``:
+    scale and no mask, this is ``binary_cross_entropy_with_logits(..., reduction="sum")``:
     the very kernel ``Bernoulli.log_prob`` runs, reduced inside the kernel instead of through
     an elementwise tensor, a negation and two sums (forward and backward). For a Normal it is
-    −½ Σ ((v − loc)/scale)² − Σ log scale − n·½ log 2π, four fewer tensor ops than
+    ½ Σ ((v − loc)/scale)² + Σ log scale + n·½ log 2π, four fewer tensor ops than
     ``Normal.log_prob`` followed by sums. Anything else goes through ``fn.log_prob``.
     """
     if FUSED_LOG_PROBS and mask is None and isinstance(scale, int | float):
-        base = fn
-        while isinstance(base, Independent):
-            base = base.base_dist
+        base = _base(fn)
         if (
             isinstance(base, Bernoulli)
             and type(base).log_prob is _BERNOULLI_LOG_PROB
@@ -74,20 +93,46 @@ def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
             logits, target = base.logits, value
             if logits.shape != target.shape:
                 logits, target = torch.broadcast_tensors(logits, target)
-            log_p = -F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-            return log_p if scale == 1.0 else log_p * scale
-        if isinstance(base, Normal) and type(base).log_prob is _NORMAL_LOG_PROB:
-            if not base._validate_args:
-                loc, sd = base.loc, base.scale
-                if not value.shape == loc.shape == sd.shape:
-                    value, loc, sd = torch.broadcast_tensors(value, loc, sd)
-                log_p = (
-                    -0.5 * ((value - loc) / sd).square().sum()
-                    - sd.log().sum()
-                    - value.numel() * _HALF_LOG_2PI
-                )
-                return log_p if scale == 1.0 else log_p * scale
-    return scale_and_mask(fn.log_prob(value), scale, mask).sum()
+            nlp = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+            return nlp if scale == 1.0 else nlp * scale
+        if _plain_normal(base):
+            loc, sd = base.loc, base.scale
+            if not value.shape == loc.shape == sd.shape:
+                value, loc, sd = torch.broadcast_tensors(value, loc, sd)
+            # constants grouped last, so a recorded graph can fold them (CapturedELBO)
+            nlp = 0.5 * ((value - loc) / sd).square().sum() + (
+                sd.log().sum() + value.numel() * _HALF_LOG_2PI
+            )
+            return nlp if scale == 1.0 else nlp * scale
+    return -scale_and_mask(fn.log_prob(value), scale, mask).sum()
+
+
+def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
+    """Σ scale_and_mask(fn.log_prob(value), scale, mask): :func:`neg_log_prob_sum`, negated."""
+    return -neg_log_prob_sum(fn, value, scale, mask)
+
+
+def reparameterized_normal_draw(fn) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(z, ε)`` with z = loc + ε·scale drawn exactly as ``fn()`` would (same random stream,
+    same ops), for a plain (possibly ``to_event``'d) Normal; ``None`` for anything else."""
+    base = _base(fn)
+    if not (FUSED_LOG_PROBS and _plain_normal(base)):
+        return None
+    loc = base.loc
+    eps = torch.empty(base._extended_shape(), dtype=loc.dtype, device=loc.device).normal_()
+    return loc + eps * base.scale, eps
+
+
+def neg_log_density_at_draw(fn, eps: torch.Tensor, scale=1.0) -> torch.Tensor:
+    """−Σ log N(z; loc, scale) at the draw z = loc + ε·scale, as Σ log scale + ½ Σ ε² + n·c.
+
+    The same number as ``Normal.log_prob(z)`` summed and negated, up to rounding, and the same
+    gradient: ((z − loc)/scale)² depends on the parameters only through z and (loc, scale), and
+    its total derivative along the reparameterization is zero, which autograd finds by adding
+    terms that cancel; here the quadratic is ε², a constant, and those terms are never computed.
+    """
+    nlp = _base(fn).scale.log().sum() + (0.5 * eps.square().sum() + eps.numel() * _HALF_LOG_2PI)
+    return nlp if scale == 1.0 else nlp * scale
 
 
 class NeedsTraceELBO(Exception):
@@ -95,19 +140,32 @@ class NeedsTraceELBO(Exception):
 
 
 class _GuideThenModel(Messenger):
-    """Accumulates log p(x, z) − log q(z|x) over one guide run and one replayed model run.
+    """Accumulates −(log p(x, z) − log q(z|x)) over one guide run and one replayed model run.
 
     Used as the outermost handler, so every inner handler (plates, ``poutine.scale``,
     ``poutine.mask``, blocks) has acted on a site before it is seen here, as with
-    ``poutine.trace``. ``sign`` is −1 while the guide runs and +1 while the model runs.
+    ``poutine.trace``. The guide runs first (``in_model`` False), then the model.
+    A guide site drawn from a plain Normal is drawn here, keeping its noise ε, so that its
+    log-density is taken at the draw (:func:`neg_log_density_at_draw`).
     """
 
     def __init__(self, own_params: dict[int, torch.Tensor]):
         super().__init__()
         self.own_params = own_params
         self.guide_values: dict[str, torch.Tensor] = {}
+        self.noise: dict[str, torch.Tensor] = {}
         self.in_model = False
-        self.elbo: torch.Tensor | float = 0.0
+        self.model_nlp: torch.Tensor | None = None  # −Σ log p over the model's sites
+        self.guide_nlp: torch.Tensor | None = None  # −Σ log q over the guide's sites
+
+    @property
+    def loss(self) -> torch.Tensor:
+        """−ELBO = −log p(x, z) + log q(z|x) of this run."""
+        if self.guide_nlp is None:
+            return self.model_nlp if self.model_nlp is not None else torch.zeros(())
+        if self.model_nlp is None:
+            return -self.guide_nlp
+        return self.model_nlp - self.guide_nlp
 
     def _pyro_param(self, msg: Message) -> None:
         # pyro.module(name, net) asks the store for each of net's parameters and keeps using
@@ -123,10 +181,21 @@ class _GuideThenModel(Messenger):
             msg["done"] = True
 
     def _pyro_sample(self, msg: Message) -> None:
-        if self.in_model and not msg["is_observed"]:
+        if msg["is_observed"] or msg["done"] or msg["value"] is not None:
+            return
+        if self.in_model:
             value = self.guide_values.get(msg["name"])
             if value is not None:  # replay the guide's draw, as poutine.replay does
                 msg["value"] = value
+                msg["done"] = True
+        elif (
+            msg["mask"] is None
+            and isinstance(msg["scale"], int | float)
+            and not (msg["args"] or msg["kwargs"] or msg["infer"].get("enumerate"))
+        ):
+            draw = reparameterized_normal_draw(msg["fn"])
+            if draw is not None:
+                msg["value"], self.noise[msg["name"]] = draw
                 msg["done"] = True
 
     def _pyro_post_sample(self, msg: Message) -> None:
@@ -135,17 +204,20 @@ class _GuideThenModel(Messenger):
             return
         if msg["infer"].get("enumerate") or not (self.in_model or fn.has_rsample):
             raise NeedsTraceELBO(msg["name"])
-        if msg["args"] or msg["kwargs"]:
+        if not self.in_model and not msg["is_observed"]:
+            self.guide_values[msg["name"]] = msg["value"]
+        eps = None if self.in_model else self.noise.get(msg["name"])
+        if eps is not None:
+            nlp = neg_log_density_at_draw(fn, eps, msg["scale"])
+        elif msg["args"] or msg["kwargs"]:
             log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
-            log_p = scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
+            nlp = -scale_and_mask(log_p, msg["scale"], msg["mask"]).sum()
         else:
-            log_p = log_prob_sum(fn, msg["value"], msg["scale"], msg["mask"])
+            nlp = neg_log_prob_sum(fn, msg["value"], msg["scale"], msg["mask"])
         if self.in_model:
-            self.elbo = self.elbo + log_p
+            self.model_nlp = nlp if self.model_nlp is None else self.model_nlp + nlp
         else:
-            self.elbo = self.elbo - log_p
-            if not msg["is_observed"]:
-                self.guide_values[msg["name"]] = msg["value"]
+            self.guide_nlp = nlp if self.guide_nlp is None else self.guide_nlp + nlp
 
 
 def _random_state() -> tuple:
@@ -208,14 +280,14 @@ class LeanTrace_ELBO(Trace_ELBO):
             runs = 1
         else:
             runs = self.num_particles
-        loss = 0.0
+        loss = None
         for _ in range(runs):
             with _GuideThenModel(self.own_params if own_params is None else own_params) as handler:
                 guide(*args, **kwargs)
                 handler.in_model = True
                 model(*args, **kwargs)
-            loss = loss - handler.elbo
-        return loss / self.num_particles
+            loss = handler.loss if loss is None else loss + handler.loss
+        return loss if self.num_particles == 1 else loss / self.num_particles
 
 
 class _LogWeights(_GuideThenModel):
@@ -289,14 +361,52 @@ class _LossOf(torch.nn.Module):
         return self.elbo._lean_loss(*self.program, (x,), {}, own_params=own)
 
 
-def python_state(model: torch.nn.Module) -> tuple:
-    """The plain Python values (bool, int, float, str) held by ``model`` and its submodules."""
-    return tuple(
-        (prefix, attr, value)
-        for prefix, module in model.named_modules()
-        for attr, value in vars(module).items()
-        if type(value) in _PLAIN
-    )
+class _Watched:
+    """What a recorded graph of ``model`` depends on besides its input, read cheaply per call.
+
+    :meth:`state` is every plain Python value held by the modules that were there when this was
+    made, with the sizes of their attribute, parameter, buffer and submodule dicts (so an added
+    or removed entry changes it too); :meth:`current` says whether each parameter and buffer is
+    still the tensor it was. Building it walks the module tree once; the per-call checks do not.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        modules = [module for _, module in model.named_modules()]
+        self.plain = [
+            (module.__dict__, name)
+            for module in modules
+            for name, value in module.__dict__.items()
+            if type(value) in _PLAIN
+        ]
+        self.dicts = [
+            d
+            for module in modules
+            for d in (module.__dict__, module._parameters, module._buffers, module._modules)
+        ]
+        self.names: list[str] = []
+        self.tensors: list[torch.Tensor] = []
+        self.slots: list[tuple[dict, str, torch.Tensor]] = []
+        for prefix, module in model.named_modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, tensor in getattr(module, kind).items():
+                    if tensor is not None:
+                        self.names.append(f"{prefix}.{name}" if prefix else name)
+                        self.tensors.append(tensor)
+                        self.slots.append((getattr(module, kind), name, tensor))
+        self.names_key = tuple(self.names)
+
+    def state(self) -> tuple | None:
+        """The plain values and dict sizes; None once a watched value is gone or not plain."""
+        try:
+            values = tuple([d[name] for d, name in self.plain])
+        except KeyError:
+            return None
+        if not all(type(value) in _PLAIN for value in values):
+            return None
+        return values, tuple([len(d) for d in self.dicts])
+
+    def current(self) -> bool:
+        return all(owner.get(name) is tensor for owner, name, tensor in self.slots)
 
 
 class CapturedELBO(torch.nn.Module):
@@ -309,41 +419,52 @@ class CapturedELBO(torch.nn.Module):
     none of the Pyro, distribution or module Python around them. Gradients flow to the
     parameters as usual. With Pyro validation on it is the wrapped loss (Trace_ELBO's checks).
 
-    Opt-in (``--train.capture``), like Pyro's ``JitTrace_ELBO`` and for the same reason: the
-    graph freezes whatever Python decides while the programs run. The plain Python values held
+    :func:`ppl_vae.train.fit` uses it (through :func:`capture`) for models that declare
+    ``capturable`` (``--no-train.capture`` turns it off). The graph freezes whatever Python
+    decides while the programs run, as Pyro's ``JitTrace_ELBO`` does. The plain Python values held
     by the model and its submodules (a KL weight set by a schedule, ``training``) are part of
-    the graph's key (:func:`python_state`): a call whose key differs from the previous call's
+    the graph's key (:class:`_Watched`): a call whose key differs from the previous call's
     runs the lean loss, and a graph is recorded only once a key repeats, so a weight that
     changes every step trains lean (and exact) until it settles. State the key cannot see,
     globals, closures, values inside tensors, is replayed stale: call :meth:`reset` after
-    changing it.
+    changing it (models whose programs read tensor values in Python set ``capturable`` false).
+    Recorded graphs are simplified with exact rewrites (:func:`simplify_graph`).
     Programs that branch on tensor values (a VQ-VAE's training-time bookkeeping) cannot be
     recorded at all: then it warns once and computes the lean loss instead.
 
     :param loss_fn: ``LeanTrace_ELBO()(model.model, model.guide)``.
     :param model: the module whose parameters and buffers the programs use.
+    :param simplify: apply :func:`simplify_graph` to recorded graphs (tests compare both).
     """
 
-    def __init__(self, loss_fn: torch.nn.Module, model: torch.nn.Module):
+    def __init__(self, loss_fn: torch.nn.Module, model: torch.nn.Module, simplify: bool = True):
         super().__init__()
         self.loss_fn = loss_fn
+        self.simplify = simplify
+        self.replays = 0  # calls answered by a recorded graph
         self.target = [model]  # a list, so the model is not registered as a submodule twice
         self.graphs: dict[tuple, Callable] = {}
         self.unrecordable: str | None = None  # why recording failed; then the lean loss runs
         self.last_key: tuple | None = None
         self.max_graphs = 8
+        self.watched: _Watched | None = None
 
     def reset(self) -> None:
         """Forget the recorded graphs (the next call records afresh)."""
         self.graphs.clear()
+        self.watched = None
         self.unrecordable = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if is_validation_enabled() or self.unrecordable is not None:
             return self.loss_fn(x)
         (model,) = self.target
-        tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-        key = (tuple(x.shape), x.dtype, x.device, tuple(tensors), python_state(model))
+        watched = self.watched
+        state = None if watched is None or not watched.current() else watched.state()
+        if state is None:  # first call, or the model's tensors or attributes changed
+            watched = self.watched = _Watched(model)
+            state = watched.state()
+        key = (tuple(x.shape), x.dtype, x.device, watched.names_key, state)
         graph = self.graphs.get(key)
         if graph is None:
             if key != self.last_key:  # new or changing state: lean until it holds still
@@ -351,12 +472,14 @@ class CapturedELBO(torch.nn.Module):
                 return self.loss_fn(x)
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.clear()
-            graph = self._record(model, list(tensors), tensors, x)
+            tensors = dict(zip(watched.names, watched.tensors, strict=True))
+            graph = self._record(model, watched.names, tensors, x)
             if graph is None:
                 return self.loss_fn(x)
             self.graphs[key] = graph
         self.last_key = key
-        return graph(list(tensors.values()), x)
+        self.replays += 1
+        return graph.forward(watched.tensors, x)
 
     def _record(self, model, names, tensors, x) -> Callable | None:
         """The recorded graph, or None (with a warning) when the programs cannot be recorded.
@@ -395,8 +518,162 @@ class CapturedELBO(torch.nn.Module):
         # Drop what nothing reads (a plate's index tensor, unused constants). In-place ops,
         # the random draws among them (empty + normal_), count as side effects and stay.
         graph.graph.eliminate_dead_code()
-        graph.recompile()
+        if self.simplify:
+            simplify_graph(graph)
+        else:
+            graph.recompile()
         return graph
+
+
+_aten = torch.ops.aten
+# Pure functions of their inputs whose results a recorded graph may compute once, when every
+# input is a constant of the graph (a prior's zeros and ones, their logs and sums).
+_FOLDABLE = {
+    _aten.zeros.default,
+    _aten.ones.default,
+    _aten.full.default,
+    _aten.scalar_tensor.default,
+    _aten.lift_fresh_copy.default,
+    _aten.expand.default,
+    _aten.log.default,
+    _aten.sum.default,
+    _aten.neg.default,
+    _aten.add.Tensor,
+    _aten.sub.Tensor,
+    _aten.mul.Tensor,
+    _aten.div.Tensor,
+    _aten.pow.Tensor_Scalar,
+}
+# x.new_zeros(size) reads only x's dtype and device, which are part of a graph's key.
+_NEW_CONSTANT = {_aten.new_zeros.default: torch.zeros, _aten.new_ones.default: torch.ones}
+
+
+def _meta(node):
+    value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _identity_input(node, constants: dict) -> torch.fx.Node | None:
+    """The input that ``node`` returns unchanged, bit for bit: x − 0, x / 1, x · 1, or an
+    ``expand`` to x's own shape; None otherwise (or when shapes and dtypes could differ)."""
+    out = _meta(node)
+    if out is None or node.kwargs:
+        return None
+
+    def same(arg) -> bool:
+        a = _meta(arg)
+        return a is not None and a.shape == out.shape and a.dtype == out.dtype
+
+    def all_equal(arg, value: float) -> bool:
+        c = constants.get(arg)
+        return c is not None and bool((c == value).all())
+
+    args = node.args
+    if node.target is _aten.expand.default and same(args[0]):
+        return args[0]
+    if node.target is _aten.sub.Tensor and len(args) == 2 and all_equal(args[1], 0.0):
+        return args[0] if same(args[0]) else None
+    if node.target is _aten.div.Tensor and all_equal(args[1], 1.0):
+        return args[0] if same(args[0]) else None
+    if node.target is _aten.mul.Tensor:
+        for keep, one in ((args[0], args[1]), (args[1], args[0])):
+            if all_equal(one, 1.0) and same(keep):
+                return keep
+    return None
+
+
+def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
+    """Exact rewrites of a recorded loss graph, in place.
+
+    * Constant folding: a node of :data:`_FOLDABLE` whose inputs are all constants of the graph
+      (not inputs, not random draws) and whose result nothing mutates is computed once, here,
+      and becomes a buffer of the graph (a standard Normal prior's ``new_zeros``, ``new_ones``,
+      ``expand``s, Σ log 1, ...).
+    * Identities: x − 0, x / 1, x · 1 with a folded constant, and ``expand`` to the same shape
+      become x. These return x's own values in IEEE arithmetic (and pass gradients unchanged),
+      so the rewritten graph computes the same bits with fewer operations.
+    """
+    graph = graph_module.graph
+    constants: dict[torch.fx.Node, torch.Tensor] = {}
+
+    def is_constant(arg) -> bool:
+        if isinstance(arg, torch.fx.Node):
+            return arg in constants
+        if isinstance(arg, list | tuple):
+            return all(is_constant(a) for a in arg)
+        return not isinstance(arg, torch.Tensor)
+
+    def value(arg):
+        if isinstance(arg, torch.fx.Node):
+            return constants[arg]
+        if isinstance(arg, list | tuple):
+            return type(arg)(value(a) for a in arg)
+        return arg
+
+    for node in list(graph.nodes):
+        if node.op == "get_attr":
+            attr = getattr(graph_module, node.target, None)
+            if isinstance(attr, torch.Tensor) and not attr.requires_grad:
+                mutated = any(
+                    isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable
+                    for u in node.users
+                )
+                if not mutated:
+                    constants[node] = attr
+            continue
+        if node.op != "call_function":
+            continue
+        replacement = _identity_input(node, constants)
+        if replacement is not None:
+            node.replace_all_uses_with(replacement)
+            continue
+        like = _meta(node.args[0]) if node.args else None
+        if (
+            node.target in _NEW_CONSTANT
+            and like is not None
+            and len(node.args) == 2
+            and is_constant(node.args[1])
+            and set(node.kwargs) <= {"dtype", "device", "pin_memory", "layout"}
+            and node.kwargs.get("layout") in (None, torch.strided)
+        ):
+            constants[node] = _NEW_CONSTANT[node.target](
+                value(node.args[1]),
+                dtype=node.kwargs.get("dtype") or like.dtype,
+                device=node.kwargs.get("device") or like.device,
+            )
+        elif (
+            node.target in _FOLDABLE
+            and is_constant(node.args)
+            and is_constant(tuple(node.kwargs.values()))
+            and not any(
+                isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable
+                for u in node.users
+            )
+        ):
+            constants[node] = node.target(*value(node.args), **value(node.kwargs)).detach()
+    graph.eliminate_dead_code()
+    folded = 0
+    for node, tensor in constants.items():
+        if node.op == "call_function" and any(u not in constants for u in node.users):
+            name = f"_folded_{folded}"
+            folded += 1
+            graph_module.register_buffer(name, tensor, persistent=False)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(name)
+            attr.meta = dict(node.meta)
+            node.replace_all_uses_with(attr)
+    graph.eliminate_dead_code()
+    graph_module.recompile()
+
+
+def capture(loss_fn: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
+    """``loss_fn`` as a :class:`CapturedELBO` when it is a :class:`LeanTrace_ELBO` loss and
+    ``model`` is ``capturable``; otherwise ``loss_fn`` itself (other objectives, VQ-VAE)."""
+    if getattr(model, "capturable", False) and isinstance(
+        getattr(loss_fn, "elbo", None), LeanTrace_ELBO
+    ):
+        return CapturedELBO(loss_fn, model)
+    return loss_fn
 
 
 class TrainStep:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ppl_vae import data, runs
 from ppl_vae.config import RunConfig, TrainConfig, to_dict
 from ppl_vae.evaluate import neg_elbo
-from ppl_vae.fast import CapturedELBO, TrainStep
+from ppl_vae.fast import TrainStep, capture
 from ppl_vae.models import build
 from ppl_vae.objectives import loss_module
 
@@ -99,7 +99,7 @@ def fit(
         set_rng_state(checkpoint["rng"], batch_order)
         runs.truncate_metrics(run_dir, start_epoch)
     if cfg.train.capture:
-        loss_fn = CapturedELBO(loss_fn, model)
+        loss_fn = capture(loss_fn, model)
     train_step = TrainStep(loss_fn, optimizer)  # validates its first step (see ppl_vae.fast)
 
     source, mode = data.train_source(cfg.data, dataset.train)

@@ -173,6 +173,7 @@ def test_fused_log_prob_matches_log_prob(fn):
     with pyro.validation_enabled(False):
         expected = d.log_prob(x)
         torch.testing.assert_close(fast.log_prob_sum(d, x), expected.sum())
+        torch.testing.assert_close(fast.neg_log_prob_sum(d, x), -expected.sum())
         torch.testing.assert_close(fast.log_prob_sum(d, x, 0.5), 0.5 * expected.sum())
 
 
@@ -412,10 +413,15 @@ def test_every_registered_model_fast_paths_match(kind, seed):
     lean_fn = loss_module(model, ObjectiveConfig())
     assert_same(plain, loss_and_grads(lean_fn, params, x, seed, validate=False), device)
     captured = fast.CapturedELBO(lean_fn, model)
-    with warnings.catch_warnings(record=True):  # unrecordable programs warn and run lean
+    with warnings.catch_warnings(record=True) as caught:  # unrecordable programs warn, run lean
         warnings.simplefilter("always")
         for _ in range(2):
             assert_same(plain, loss_and_grads(captured, params, x, seed, validate=False), device)
+    if model.capturable:  # what fit records for this model is recordable, and replays
+        assert not caught and captured.replays == 1
+        assert fast.capture(lean_fn, model) is not lean_fn
+    else:
+        assert fast.capture(lean_fn, model) is lean_fn
     with torch.no_grad():
         pyro.set_rng_seed(seed)
         traced = log_weights(model.model, model.guide, x, 3)
@@ -470,3 +476,89 @@ def test_captured_elbo_follows_python_state(seed):
         got = loss_and_grads(captured, params, x, seed, validate=False)
         assert_same(expected, got, torch.device("cpu"))
     assert len(captured.graphs) == 1  # recorded once, at the second call with weight 0.4
+
+
+def test_density_at_the_draw_matches_normal_log_prob(seed):
+    """The guide's reparameterized Normal draw is torch's own (same random stream), and
+    Σ log σ + ½ Σ ε² + n·c is −Normal.log_prob(z) summed, with the same gradients."""
+    torch.manual_seed(seed)
+    loc = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    raw = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    fn = dist.Normal(loc, torch.nn.functional.softplus(raw)).to_event(1)
+    # with Pyro validation on (its default), log_prob's checks stand: no shortcut
+    assert fast.reparameterized_normal_draw(fn) is None
+    with pyro.validation_enabled(False):
+        torch.manual_seed(seed + 1)
+        expected_z = fn.rsample()
+        torch.manual_seed(seed + 1)
+        z, eps = fast.reparameterized_normal_draw(fn)
+        assert torch.equal(z, expected_z)
+        for scale in (1.0, 0.3):
+            expected = -(fn.log_prob(expected_z).sum() * scale)
+            got = fast.neg_log_density_at_draw(fn, eps, scale)
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+            # along z = loc + ε·σ the gradient in loc is zero: autograd gets it by cancelling
+            # terms in log_prob, and never sees loc in the density at the draw (None)
+            (g_loc, g_raw), (e_loc, e_raw) = (
+                torch.autograd.grad(y, (loc, raw), retain_graph=True, allow_unused=True)
+                for y in (got, expected)
+            )
+            assert g_loc is None
+            torch.testing.assert_close(e_loc, torch.zeros_like(e_loc), rtol=0, atol=1e-12)
+            torch.testing.assert_close(g_raw, e_raw, rtol=1e-10, atol=1e-12)
+        assert fast.reparameterized_normal_draw(dist.Bernoulli(logits=loc)) is None
+
+
+def test_simplified_graph_is_bit_identical(seed):
+    """simplify_graph's rewrites (constant folding, x − 0, x / 1, same-shape expand) change no
+    bit of the loss or the gradients, in float32, and leave fewer operations to replay."""
+    model = VAE(VAEConfig(z_dim=4, hidden=(16,), x_dim=20))
+    x = torch.bernoulli(torch.full((6, 20), 0.4))
+    params = list(model.parameters())
+    results, graphs = [], []
+    for simplify in (False, True):
+        captured = fast.CapturedELBO(loss_module(model, ObjectiveConfig()), model, simplify)
+        for _ in range(2):  # the second call records
+            got = loss_and_grads(captured, params, x, seed, validate=False)
+        assert captured.replays == 1
+        results.append(got)
+        graphs.append(next(iter(captured.graphs.values())))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+
+    def ops(graph) -> list[str]:
+        return [str(n.target) for n in graph.graph.nodes if n.op == "call_function"]
+
+    plain_ops, simple_ops = ops(graphs[0]), ops(graphs[1])
+    assert len(simple_ops) < len(plain_ops)
+    for gone in ("aten.new_zeros.default", "aten.new_ones.default", "aten.div.Tensor"):
+        assert gone in plain_ops and gone not in simple_ops
+
+
+def test_fit_loop_replays_once_the_kl_weight_holds(seed):
+    """fit calls the model's step hook before every step; the VAE's KL warm-up changes its
+    weight for ``warmup_steps`` steps, during which the loss runs lean; after, it replays.
+    Every step equals the uncaptured step's loss (float64, same draws)."""
+    config = VAEConfig(z_dim=3, hidden=(8,), x_dim=10, warmup_steps=4)
+    x = torch.bernoulli(torch.full((6, 10), 0.4, dtype=torch.float64))
+    losses, replays = [], []
+    for capture in (False, True):
+        torch.manual_seed(seed)
+        model = VAE(config).double()
+        loss_fn = loss_module(model, ObjectiveConfig())
+        if capture:
+            loss_fn = fast.capture(loss_fn, model)
+        step = fast.TrainStep(loss_fn, torch.optim.Adam(model.parameters(), lr=1e-3))
+        pyro.set_rng_seed(seed)
+        run = []
+        for i in range(9):
+            model.on_train_step(i)
+            run.append(step(x))
+            replays.append(getattr(loss_fn, "replays", 0))
+        losses.append(torch.stack(run))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-10, atol=1e-10)
+    captured_replays = replays[9:]
+    # weights 0.01 → 1 over steps 0..4 (lean), step 5 repeats step 4's key and records
+    assert captured_replays[:5] == [0] * 5
+    assert captured_replays[-1] == 4

@@ -35,6 +35,10 @@ class LatentVariableModel(PyroModule):
     """
 
     config: ModelConfig
+    capturable: ClassVar[bool] = True
+    """Whether fit may record the training loss as a graph (ppl_vae.fast.CapturedELBO): true
+    when the programs' Python decisions depend only on the input shape and on plain Python
+    attributes of the modules, never on values inside tensors."""
 
     def model(self, x: torch.Tensor) -> None:
         raise NotImplementedError

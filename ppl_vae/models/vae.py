@@ -65,24 +65,26 @@ class VAE(ImageModel):
     def __init__(self, config: VAEConfig):
         super().__init__()
         self.config = config
-        self.train_step = 0
+        self.train_kl_weight = config.kl_weight(0)
         self.encoder = nets.GaussianHead(config.encoder_net(2 * config.z_dim))
         self.decoder = config.decoder_net(config.z_dim)
         self.likelihood = config.build_likelihood()
 
     @property
     def kl_weight(self) -> float:
-        return self.config.kl_weight(self.train_step) if self.training else 1.0
+        return self.train_kl_weight if self.training else 1.0
 
     def on_train_step(self, step: int) -> None:
-        self.train_step = step
+        # The weight, not the step, is what the programs read: it stops changing when the
+        # warm-up ends, so a recorded training loss (ppl_vae.fast.CapturedELBO) replays again.
+        self.train_kl_weight = self.config.kl_weight(step)
 
     def epoch_metrics(self) -> dict[str, float]:
         """The training weight of the "z" site at the last step (when β or warm-up is on)."""
         cfg = self.config
         if cfg.beta == 1 and not cfg.warmup_steps:
             return {}
-        return {"kl_weight": cfg.kl_weight(self.train_step)}
+        return {"kl_weight": self.train_kl_weight}
 
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)

@@ -114,6 +114,10 @@ class VQVAE(ImageModel):
     :param VQVAEConfig config: networks, codebook, auxiliary loss, code prior.
     """
 
+    # The quantizer's training-time bookkeeping (usage counts, EMA, perplexity) reads tensor
+    # values in Python, which a recorded graph cannot hold: fit trains it with the lean loss.
+    capturable = False
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config
