@@ -569,7 +569,7 @@ def _identity_input(node, constants: dict) -> torch.fx.Node | None:
         return c is not None and bool((c == value).all())
 
     args = node.args
-    if node.target is _aten.expand.default and same(args[0]):
+    if node.target is _aten.expand.default and len(args) == 2 and same(args[0]):
         return args[0]
     if node.target is _aten.sub.Tensor and len(args) == 2 and all_equal(args[1], 0.0):
         return args[0] if same(args[0]) else None
@@ -582,6 +582,27 @@ def _identity_input(node, constants: dict) -> torch.fx.Node | None:
     return None
 
 
+def _fuse_linear(graph: torch.fx.Graph) -> None:
+    """``addmm(b, x, t(W))`` → ``linear(x, W, b)``: one call instead of two; for a 2-D input
+    ``linear`` is that very ``addmm`` of ``t(W)`` (same kernels, same autograd nodes)."""
+    for node in list(graph.nodes):
+        if node.target is not _aten.addmm.default or node.kwargs or len(node.args) != 3:
+            continue
+        bias, x, t = node.args
+        if not (isinstance(t, torch.fx.Node) and t.target is _aten.t.default):
+            continue
+        weight = t.args[0]
+        if not (_meta(x) is not None and _meta(x).dim() == 2 and _meta(weight) is not None):
+            continue
+        if _meta(weight).dim() != 2 or _meta(bias) is None or _meta(bias).dim() != 1:
+            continue
+        with graph.inserting_before(node):
+            fused = graph.call_function(_aten.linear.default, (x, weight, bias))
+        fused.meta = dict(node.meta)
+        node.replace_all_uses_with(fused)
+        graph.erase_node(node)
+
+
 def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
     """Exact rewrites of a recorded loss graph, in place.
 
@@ -592,6 +613,8 @@ def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
     * Identities: x − 0, x / 1, x · 1 with a folded constant, and ``expand`` to the same shape
       become x. These return x's own values in IEEE arithmetic (and pass gradients unchanged),
       so the rewritten graph computes the same bits with fewer operations.
+    * ``addmm(b, x, t(W))`` becomes ``linear(x, W, b)`` (:func:`_fuse_linear`), which runs
+      exactly those two ops below Python.
     """
     graph = graph_module.graph
     constants: dict[torch.fx.Node, torch.Tensor] = {}
@@ -651,6 +674,7 @@ def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
             )
         ):
             constants[node] = node.target(*value(node.args), **value(node.kwargs)).detach()
+    _fuse_linear(graph)
     graph.eliminate_dead_code()
     folded = 0
     for node, tensor in constants.items():
