@@ -90,11 +90,12 @@ class ObjectiveConfig:
 class EvalConfig:
     k: int = 1000
     """Importance samples per test image for the log p(x) estimate."""
-    batch_size: int = 500
+    batch_size: int = 100
     """Test images per evaluation batch."""
-    particle_chunk: int = 10
+    particle_chunk: int = 50
     """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats
-    (10 × 500 images: 16 MB of logits, cache-sized blocks; benchmarks/RESULTS.md)."""
+    (50 × 100 images: 16 MB of logits). The guide's encoder runs once per chunk, so larger
+    chunks amortize it (benchmarks/RESULTS.md)."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "--eval.k", "a positive integer", self.k)

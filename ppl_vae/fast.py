@@ -290,21 +290,57 @@ class LeanTrace_ELBO(Trace_ELBO):
         return loss if self.num_particles == 1 else loss / self.num_particles
 
 
-class _LogWeights(_GuideThenModel):
-    """Like :class:`_GuideThenModel`, but keeps each site's batch-shaped log-density, computed
-    with the very ops ``Trace.compute_log_prob`` uses (``fn.log_prob``, then
-    ``scale_and_mask``), so the weights can be summed bit for bit as the traced version does."""
+def log_prob_event_sum(fn, value: torch.Tensor) -> torch.Tensor:
+    """``fn.log_prob(value)``: the log-density summed over the event dimensions, batch-shaped.
 
-    def __init__(self):
-        super().__init__({})
+    For a plain (possibly ``to_event``'d) Bernoulli with logits l it is Σ_event (x·l −
+    softplus(l)): two reductions instead of ``binary_cross_entropy_with_logits``' elementwise
+    tensor of the full shape (about six passes over it, the expanded x materialized) and its
+    negation; equal to float rounding.
+    """
+    base = _base(fn)
+    if (
+        FUSED_LOG_PROBS
+        and isinstance(base, Bernoulli)
+        and type(base).log_prob is _BERNOULLI_LOG_PROB
+        and not base._validate_args
+        and base.logits.shape == torch.broadcast_shapes(base.logits.shape, value.shape)
+    ):
+        dims = tuple(range(-len(fn.event_shape), 0))
+        logits = base.logits
+        if not dims:
+            return value * logits - F.softplus(logits)
+        return (value * logits).sum(dims) - F.softplus(logits).sum(dims)
+    return fn.log_prob(value)
+
+
+class _LogWeights(_GuideThenModel):
+    """Like :class:`_GuideThenModel`, but keeps each site's batch-shaped log-density: a
+    guide's reparameterized Normal at its draw, −Σ log σ − ½ Σ ε² − n·c over the event; a
+    Bernoulli through :func:`log_prob_event_sum`; anything else through ``fn.log_prob``; then
+    ``scale_and_mask`` as ``Trace.compute_log_prob`` does."""
+
+    def __init__(self, own_params: dict[int, torch.Tensor]):
+        super().__init__(own_params)
         self.model_terms: list[torch.Tensor] = []
         self.guide_terms: list[torch.Tensor] = []
 
     def _pyro_post_sample(self, msg: Message) -> None:
         fn = msg["fn"]
-        if isinstance(fn, _Subsample):  # log-density 0: adding it changes no bit
+        if isinstance(fn, _Subsample):  # a plate's index draw: log-density 0
             return
-        log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        eps = None if self.in_model else self.noise.get(msg["name"])
+        if eps is not None:
+            dims = tuple(range(-len(fn.event_shape), 0))
+            n = math.prod(fn.event_shape)
+            log_sd, eps_sq = _base(fn).scale.log(), eps.square()
+            if dims:
+                log_sd, eps_sq = log_sd.sum(dims), eps_sq.sum(dims)
+            log_p = -(log_sd + (0.5 * eps_sq + n * _HALF_LOG_2PI))
+        elif msg["args"] or msg["kwargs"]:
+            log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
+        else:
+            log_p = log_prob_event_sum(fn, msg["value"])
         log_p = scale_and_mask(log_p, msg["scale"], msg["mask"])
         if self.in_model:
             self.model_terms.append(log_p)
@@ -314,14 +350,22 @@ class _LogWeights(_GuideThenModel):
 
 
 def log_weights(
-    model_fn: Callable, guide_fn: Callable, x: torch.Tensor, num_particles: int, plate_dim: int
+    model_fn: Callable,
+    guide_fn: Callable,
+    x: torch.Tensor,
+    num_particles: int,
+    plate_dim: int,
+    own_params: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """:func:`ppl_vae.objectives.log_weights` without traces: a ``(num_particles, B)`` tensor.
 
     log p(x, z) − log q(z|x) for ``num_particles`` draws z ~ q(z|x) per datapoint, the guide
     and model run once each under a particle plate at ``plate_dim`` (left of ``"data"``), with
     Pyro validation off; the draws consume the random stream exactly as the traced version's,
-    and the sums are taken in its order with its ops: the result is bit for bit the same.
+    and the densities are those of :class:`_LogWeights` (equal to the traced ones to float
+    rounding, with fewer passes over the likelihood's full-size tensors).
+    ``own_params`` (ids → tensors) answers those tensors' ``pyro.module`` registrations
+    without the param store, as :class:`LeanTrace_ELBO` does.
     """
 
     def particles(fn: Callable) -> Callable:
@@ -331,7 +375,7 @@ def log_weights(
 
         return wrapped
 
-    with pyro.validation_enabled(False), _LogWeights() as handler:
+    with pyro.validation_enabled(False), _LogWeights(own_params or {}) as handler:
         particles(guide_fn)(x)
         handler.in_model = True
         particles(model_fn)(x)
@@ -346,19 +390,18 @@ def log_weights(
 _PLAIN = (bool, int, float, str)
 
 
-class _LossOf(torch.nn.Module):
-    """``forward(x, values)``: the lean loss of ``loss_fn``'s programs, with ``values`` (the
-    tensors that stand for ``model``'s parameters) answering ``pyro.module`` registrations."""
+class _Program(torch.nn.Module):
+    """``forward(x, values, *static)``: ``fn(x, own, *static)`` where ``own`` maps the ids of
+    ``values`` (the tensors standing for ``model``'s parameters while a graph is recorded) to
+    themselves, so that ``pyro.module`` registrations are answered with them."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, fn: Callable):
         super().__init__()
         self.model = model
-        self.program = (loss_fn.model, loss_fn.guide)
-        self.elbo = loss_fn.elbo
+        self.fn = fn
 
-    def forward(self, x: torch.Tensor, values: list[torch.Tensor]) -> torch.Tensor:
-        own = {id(v): v for v in values}
-        return self.elbo._lean_loss(*self.program, (x,), {}, own_params=own)
+    def forward(self, x: torch.Tensor, values: list[torch.Tensor], *static) -> torch.Tensor:
+        return self.fn(x, {id(v): v for v in values}, *static)
 
 
 class _Watched:
@@ -409,7 +452,117 @@ class _Watched:
         return all(owner.get(name) is tensor for owner, name, tensor in self.slots)
 
 
-class CapturedELBO(torch.nn.Module):
+class Recorded(torch.nn.Module):
+    """A function of ``(x, *static)`` over ``model``'s programs, recorded once per key as a
+    straight-line graph of tensor ops and replayed (see :class:`CapturedELBO`).
+
+    Subclasses give :meth:`program` (what is recorded; it answers ``pyro.module``
+    registrations from the tensors it is handed) and :meth:`direct` (what runs unrecorded:
+    with Pyro validation on, for a new key, or when recording failed). ``static`` are plain
+    Python arguments; they are part of the key.
+    """
+
+    what = "the function"
+    # With Pyro validation on, run unrecorded (a function that validates must see it happen);
+    # false for functions that switch validation off themselves.
+    direct_when_validating = True
+
+    def __init__(self, model: torch.nn.Module, simplify: bool = True):
+        super().__init__()
+        self.simplify = simplify
+        self.replays = 0  # calls answered by a recorded graph
+        self.target = [model]  # a list, so the model is not registered as a submodule twice
+        self.graphs: dict[tuple, Callable] = {}
+        self.unrecordable: str | None = None  # why recording failed; then direct() runs
+        self.last_key: tuple | None = None
+        self.max_graphs = 8
+        self.watched: _Watched | None = None
+
+    def program(self, x: torch.Tensor, own: dict[int, torch.Tensor], *static) -> torch.Tensor:
+        raise NotImplementedError
+
+    def direct(self, x: torch.Tensor, *static) -> torch.Tensor:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the recorded graphs (the next call records afresh)."""
+        self.graphs.clear()
+        self.watched = None
+        self.unrecordable = None
+
+    def forward(self, x: torch.Tensor, *static) -> torch.Tensor:
+        if self.unrecordable is not None or (
+            self.direct_when_validating and is_validation_enabled()
+        ):
+            return self.direct(x, *static)
+        (model,) = self.target
+        watched = self.watched
+        state = None if watched is None or not watched.current() else watched.state()
+        if state is None:  # first call, or the model's tensors or attributes changed
+            watched = self.watched = _Watched(model)
+            state = watched.state()
+        key = (tuple(x.shape), x.dtype, x.device, static, watched.names_key, state)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if key != self.last_key:  # new or changing state: unrecorded until it holds still
+                self.last_key = key
+                return self.direct(x, *static)
+            if len(self.graphs) >= self.max_graphs:
+                self.graphs.clear()
+            graph = self._record(model, watched, x, static)
+            if graph is None:
+                return self.direct(x, *static)
+            self.graphs[key] = graph
+        self.last_key = key
+        self.replays += 1
+        return graph.forward(watched.tensors, x)
+
+    def _record(self, model, watched: _Watched, x, static) -> Callable | None:
+        """The recorded graph, or None (with a warning) when the programs cannot be recorded.
+
+        Recording runs the function once for real; the random state and the buffers are put
+        back afterwards, so that the first replay draws and updates as an unrecorded call.
+        """
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        holder = _Program(model, self.program)
+        names = watched.names
+
+        def run(values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            # functional_call puts the graph's inputs in place of the model's tensors while the
+            # programs run (they read them from the model), then puts the tensors back.
+            swapped = {f"model.{name}": value for name, value in zip(names, values, strict=True)}
+            return torch.func.functional_call(holder, swapped, (x, values, *static))
+
+        state = _random_state()
+        buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        try:
+            graph = make_fx(run)(list(watched.tensors), x)
+        except Exception as err:  # e.g. Python that reads tensor values (bool(tensor))
+            # The direct path runs the same code unrecorded, so a genuine error still surfaces.
+            self.unrecordable = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            warnings.warn(
+                f"{self.what} cannot be recorded ({self.unrecordable});"
+                " running it unrecorded instead",
+                stacklevel=4,
+            )
+            return None
+        finally:
+            _set_random_state(state)
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
+        # Drop what nothing reads (a plate's index tensor, unused constants). In-place ops,
+        # the random draws among them (empty + normal_), count as side effects and stay.
+        graph.graph.eliminate_dead_code()
+        if self.simplify:
+            simplify_graph(graph)
+        else:
+            graph.recompile()
+        return graph
+
+
+class CapturedELBO(Recorded):
     """A :class:`LeanTrace_ELBO` loss recorded once as a straight-line graph of tensor ops.
 
     The first call for an input shape (and dtype, device, train/eval mode) runs the lean loss
@@ -437,92 +590,39 @@ class CapturedELBO(torch.nn.Module):
     :param simplify: apply :func:`simplify_graph` to recorded graphs (tests compare both).
     """
 
+    what = "the training loss"
+
     def __init__(self, loss_fn: torch.nn.Module, model: torch.nn.Module, simplify: bool = True):
-        super().__init__()
+        super().__init__(model, simplify)
         self.loss_fn = loss_fn
-        self.simplify = simplify
-        self.replays = 0  # calls answered by a recorded graph
-        self.target = [model]  # a list, so the model is not registered as a submodule twice
-        self.graphs: dict[tuple, Callable] = {}
-        self.unrecordable: str | None = None  # why recording failed; then the lean loss runs
-        self.last_key: tuple | None = None
-        self.max_graphs = 8
-        self.watched: _Watched | None = None
 
-    def reset(self) -> None:
-        """Forget the recorded graphs (the next call records afresh)."""
-        self.graphs.clear()
-        self.watched = None
-        self.unrecordable = None
+    def program(self, x: torch.Tensor, own: dict[int, torch.Tensor]) -> torch.Tensor:
+        loss_fn = self.loss_fn
+        return loss_fn.elbo._lean_loss(loss_fn.model, loss_fn.guide, (x,), {}, own_params=own)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_validation_enabled() or self.unrecordable is not None:
-            return self.loss_fn(x)
+    def direct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(x)
+
+
+class CapturedLogWeights(Recorded):
+    """:func:`log_weights` of ``model`` recorded per (batch shape, number of particles) and
+    replayed: the importance weights of :func:`ppl_vae.evaluate.log_likelihood`, bit for bit
+    the same, without Pyro's Python at every chunk of particles.
+
+    Call as ``weights(x, num_particles, plate_dim)``.
+    """
+
+    what = "the importance weights"
+    direct_when_validating = False  # log_weights runs with validation off in any case
+
+    def program(self, x, own, num_particles: int, plate_dim: int) -> torch.Tensor:
         (model,) = self.target
-        watched = self.watched
-        state = None if watched is None or not watched.current() else watched.state()
-        if state is None:  # first call, or the model's tensors or attributes changed
-            watched = self.watched = _Watched(model)
-            state = watched.state()
-        key = (tuple(x.shape), x.dtype, x.device, watched.names_key, state)
-        graph = self.graphs.get(key)
-        if graph is None:
-            if key != self.last_key:  # new or changing state: lean until it holds still
-                self.last_key = key
-                return self.loss_fn(x)
-            if len(self.graphs) >= self.max_graphs:
-                self.graphs.clear()
-            tensors = dict(zip(watched.names, watched.tensors, strict=True))
-            graph = self._record(model, watched.names, tensors, x)
-            if graph is None:
-                return self.loss_fn(x)
-            self.graphs[key] = graph
-        self.last_key = key
-        self.replays += 1
-        return graph.forward(watched.tensors, x)
+        return log_weights(model.model, model.guide, x, num_particles, plate_dim, own)
 
-    def _record(self, model, names, tensors, x) -> Callable | None:
-        """The recorded graph, or None (with a warning) when the programs cannot be recorded.
-
-        Recording runs the loss once for real; the random state and the buffers are put back
-        afterwards, so that the first replay draws and updates exactly as an unrecorded call.
-        """
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        holder = _LossOf(model, self.loss_fn)
-
-        def loss(values: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-            # functional_call puts the graph's inputs in place of the model's tensors while the
-            # loss runs (the programs read them from the model), then puts the tensors back.
-            swapped = {f"model.{name}": value for name, value in zip(names, values, strict=True)}
-            return torch.func.functional_call(holder, swapped, (x, values))
-
-        state = _random_state()
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        try:
-            graph = make_fx(loss)(list(tensors.values()), x)
-        except Exception as err:  # e.g. Python that reads tensor values (bool(tensor))
-            # The lean loss runs the same code untraced, so a genuine error still surfaces.
-            self.unrecordable = f"{type(err).__name__}: {str(err).splitlines()[0]}"
-            warnings.warn(
-                f"--train.capture: the loss cannot be recorded ({self.unrecordable});"
-                " training with the lean loss instead",
-                stacklevel=3,
-            )
-            return None
-        finally:
-            _set_random_state(state)
-            with torch.no_grad():
-                for buffer, saved in buffers:
-                    buffer.copy_(saved)
-        # Drop what nothing reads (a plate's index tensor, unused constants). In-place ops,
-        # the random draws among them (empty + normal_), count as side effects and stay.
-        graph.graph.eliminate_dead_code()
-        if self.simplify:
-            simplify_graph(graph)
-        else:
-            graph.recompile()
-        return graph
+    def direct(self, x: torch.Tensor, num_particles: int, plate_dim: int) -> torch.Tensor:
+        (model,) = self.target
+        own = {id(p): p for p in own_parameters(model)}
+        return log_weights(model.model, model.guide, x, num_particles, plate_dim, own)
 
 
 _aten = torch.ops.aten

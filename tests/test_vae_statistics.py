@@ -75,7 +75,8 @@ def test_vae_importance_sampling_above_elbo(trained_vae, test_images, seed):
     """Estimand: E[ELBO draw] - E[IS_32] over 8 real test images (summed), where IS_32 is the
     evaluation's importance-sampled log p(x) with 32 draws and the ELBO draw is the single-draw
     log weight of the first of those draws (common random numbers); n = 128 replicates,
-    one-sided (≤ 0), k = k_one_sided(128). The replay of the evaluation's draws is checked exactly.
+    one-sided (≤ 0), k = k_one_sided(128). The replay of the evaluation's draws is checked to
+    float rounding (the evaluation's fused densities differ from the traced ones in the last bits).
     """
     replicates, k, rows = 128, 32, 256
     x = test_images[:8].repeat(replicates, 1)
@@ -90,7 +91,7 @@ def test_vae_importance_sampling_above_elbo(trained_vae, test_images, seed):
             ],
             dim=1,
         )
-    torch.testing.assert_close(estimate, log_mean_exp(log_w), rtol=0, atol=0)
+    torch.testing.assert_close(estimate, log_mean_exp(log_w), rtol=1e-12, atol=1e-9)
     importance_sampled = estimate.reshape(replicates, 8).sum(-1)
     elbo = log_w[0].reshape(replicates, 8).sum(-1)
     assert_mc_less_equal(elbo, importance_sampled, what="E[ELBO] <= E[IS_32 log p(x)]")
