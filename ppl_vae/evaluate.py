@@ -66,10 +66,10 @@ def log_likelihood(
 
     The first chunk runs through Pyro's traces with validation (model/guide, supports and
     shapes are checked once, on the real inputs); the others through
-    :func:`ppl_vae.fast.log_weights`, the same weights without trace bookkeeping, recorded
-    and replayed as a graph of tensor ops for ``capturable`` models
-    (:class:`ppl_vae.fast.CapturedLogWeights`); the numbers are the same bit for bit
-    (``lean=False``: every chunk through the traces).
+    :func:`ppl_vae.fast.log_weights`, the same weights (to float rounding: fused densities)
+    without trace bookkeeping, recorded and replayed as a graph of tensor ops for
+    ``capturable`` models (:class:`ppl_vae.fast.CapturedLogWeights`, bit for bit the lean
+    weights). ``lean=False``: every chunk through the traces.
     """
     estimates = []
     chunks = [min(particle_chunk, k - start) for start in range(0, k, particle_chunk)]
