@@ -302,13 +302,22 @@ def test_step_benchmark_smoke(capsys):
     assert all(line.startswith("ratio ppl_vae") for line in last)
 
 
-def test_fit_runs_the_fast_step(tmp_path, fake_data_dir):
-    """fit() trains through TrainStep: two epochs of finite losses on small fake data."""
+def test_fit_runs_the_fast_step(tmp_path, fake_data_dir, monkeypatch):
+    """fit() trains through TrainStep: two epochs of finite losses on small fake data, the
+    VAE's loss replayed from its second full batch on (capture is fit's default)."""
     import csv
 
     from ppl_vae.config import DataConfig, RunConfig, TrainConfig
     from ppl_vae.train import fit
 
+    made: list[fast.CapturedELBO] = []
+    real_init = fast.CapturedELBO.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(fast.CapturedELBO, "__init__", init)
     cfg = RunConfig(
         name="fast",
         runs_dir=tmp_path,
@@ -321,6 +330,15 @@ def test_fit_runs_the_fast_step(tmp_path, fake_data_dir):
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
     assert all(torch.isfinite(torch.tensor(float(r["train_neg_elbo"]))) for r in rows)
+    (captured,) = made
+    from ppl_vae import data
+
+    n_train = data.load(DataConfig(data_dir=fake_data_dir), "cpu").train.images.shape[0]
+    full = n_train // 32
+    # per epoch: full batches, then a partial one that runs lean (its key does not repeat);
+    # the first full batch of the run is validated and runs lean, the second records
+    assert len(captured.graphs) == 1
+    assert captured.replays == 2 * full - 1
 
 
 @pytest.mark.parametrize("num_particles", [1, 3])
