@@ -61,13 +61,15 @@ class FitStep:
 def ppl_vae_step(device: torch.device, variant: str = "default") -> FitStep:
     """The step fit builds: ``default`` (the loss recorded and replayed, fast.capture),
     ``lean`` (--no-train.capture: the programs run at every step) or ``plain`` (the
-    foundation's Trace_ELBO, validated at every step)."""
+    foundation's Trace_ELBO, validated at every step); ``unsimplified`` (an ablation): the
+    recorded graph replayed without fast.simplify_graph's rewrites."""
     from ppl_vae.objectives import loss_module
 
     model = VAE(PYRO_EXAMPLE).to(device)
     loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=variant != "plain")
-    if variant == "default":
+    if variant in ("default", "unsimplified"):
         loss_fn = capture(loss_fn, model)
+        loss_fn.simplify = variant == "default"
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     step = TrainStep(loss_fn, optimizer, validate="always" if variant == "plain" else "first")
     return FitStep(model, step)
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         help="add the steps between plain and ppl_vae, one optimization at a time:"
         " ablate_validate_first (Trace_ELBO, validation on the first step only) and"
         " ablate_lean_unfused (LeanTrace_ELBO with every density through log_prob, no"
-        " capture)",
+        " capture) and ablate_unsimplified (the recorded loss without simplify_graph)",
     )
     args = parser.parse_args(argv)
     device = setup(args)
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             validate_first.train_step.validate = "first"
             contenders["ablate_validate_first"] = validate_first
             contenders["ablate_lean_unfused"] = unfused(ppl_vae_step(device, "lean"))
+            contenders["ablate_unsimplified"] = ppl_vae_step(device, "unsimplified")
         blocks = {
             name: (lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)])
             for name, step in contenders.items()
