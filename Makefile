@@ -53,7 +53,8 @@ bench: setup data
 	$(BIN)/python -m benchmarks.step_overhead $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.epoch_throughput $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.eval_throughput $(BENCH_ARGS)
-	$(BIN)/python -m benchmarks.eval_throughput --images 10000 --repeats 1 --only-ppl-vae $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.eval_throughput --images 10000 --repeats 1 --no-plain $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.zoo_throughput --repeats 3 $(BENCH_ARGS)
 
 lint: setup
 	$(BIN)/ruff check ppl_vae tests benchmarks

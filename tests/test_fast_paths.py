@@ -302,6 +302,18 @@ def test_step_benchmark_smoke(capsys):
     assert all(line.startswith("ratio ppl_vae") for line in last)
 
 
+def test_zoo_benchmark_smoke(capsys):
+    """benchmarks/zoo_throughput.py trains every zoo model through fit's step, tiny settings."""
+    from benchmarks import zoo_throughput
+
+    zoo_throughput.main(
+        ["--repeats", "1", "--warmup", "0", "--batch-sizes", "4", "--images-per-sample", "8"]
+    )
+    last = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [line.split()[1] for line in last] == ["vae_mlp", "vae_conv", "vqvae"]
+    assert all(float(line.rsplit(" ", 1)[1]) > 0 for line in last)
+
+
 def test_fit_runs_the_fast_step(tmp_path, fake_data_dir, monkeypatch):
     """fit() trains through TrainStep: two epochs of finite losses on small fake data, the
     VAE's loss replayed from its second full batch on (capture is fit's default)."""

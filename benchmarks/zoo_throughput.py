@@ -1,0 +1,80 @@
+"""Training images/s of the model zoo: the MLP VAE, the conv VAE and the VQ-VAE.
+
+Each model trains through the step ``ppl_vae.train.fit`` builds for it (its step hook, then
+ppl_vae.fast.TrainStep over the lean Trace_ELBO, recorded and replayed where the model allows
+it: the VQ-VAE runs lean), Adam 1e-3, on one batch of dynamically binarized Fashion-MNIST
+images kept on the device. Models are timed interleaved, rounds alternating their order. There
+is no hand-written reference here: these are absolute figures, the GPU ones the issue asks for
+(on a CPU they show where each model spends its time, not a ratio).
+
+    python -m benchmarks.zoo_throughput                          # CPU, batch 128 and 1024
+    python -m benchmarks.zoo_throughput --device cuda            # adds batch 8192
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import describe, interleave, make_parser, setup
+from benchmarks.step_overhead import PYRO_EXAMPLE, FitStep, batch_of_images
+from ppl_vae.config import ObjectiveConfig
+from ppl_vae.fast import TrainStep, capture
+from ppl_vae.models import VAEConfig, VQVAEConfig, build
+from ppl_vae.objectives import loss_module
+
+MODELS = {
+    "vae_mlp": PYRO_EXAMPLE,
+    "vae_conv": VAEConfig(arch="conv"),
+    "vqvae": VQVAEConfig(),
+}
+
+
+def fit_step(config, device: torch.device) -> FitStep:
+    """The step fit builds for ``config`` (capture where the model allows it)."""
+    model = build(config).to(device).train()
+    loss_fn = capture(loss_module(model, ObjectiveConfig("trace")), model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return FitStep(model, TrainStep(loss_fn, optimizer))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = make_parser("benchmarks.zoo_throughput", __doc__, repeats=5, warmup=2)
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: 128 1024 on CPU, 128 1024 8192 on CUDA)",
+    )
+    parser.add_argument(
+        "--images-per-sample",
+        type=int,
+        default=4096,
+        help="each timed sample is a block of max(1, this // batch) steps (default 4096)",
+    )
+    parser.add_argument(
+        "--models", nargs="+", choices=sorted(MODELS), default=list(MODELS), help="which models"
+    )
+    args = parser.parse_args(argv)
+    device = setup(args)
+    sizes = args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
+    x_all = batch_of_images(max(sizes), device)
+    summary = []
+    for batch in sizes:
+        x = x_all[:batch]
+        steps = max(1, args.images_per_sample // batch)
+        blocks = {}
+        for name in args.models:
+            step = fit_step(MODELS[name], device)
+            blocks[name] = lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)]
+        timings = interleave(blocks, args.repeats, args.warmup, device, args.clock)
+        print(f"batch {batch} ({steps} steps per sample, {args.repeats} rounds, {args.clock})")
+        for name, t in timings.items():
+            rate = batch * steps / t.median
+            print(describe(t, steps, "step"), f" {rate:10.0f} images/s")
+            summary.append(f"images/s {name} batch {batch} {device.type}: {rate:.0f}")
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
