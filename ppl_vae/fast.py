@@ -8,7 +8,7 @@ one seed through each and the plain path and checks losses, gradients and weight
   :class:`~pyro.poutine.Trace` objects, pruning them and looping over their sites, one small
   messenger runs the guide, replays its draws into the model and accumulates
   Σ_model log p − Σ_guide log q (scaled and masked exactly as Pyro does) as it goes, with
-  fused density sums (:func:`log_prob_sum`). It has no host synchronizations (``Trace_ELBO``
+  fused density sums (:func:`neg_log_prob_sum`). It has no host synchronizations (``Trace_ELBO``
   reads every site's log-density back with ``.item()``) and it answers ``pyro.module``
   registrations of the model's own parameters without the param store. Whenever Pyro
   validation is on, or the guide has a site that needs a score function or enumeration, it
@@ -28,7 +28,8 @@ one seed through each and the plain path and checks losses, gradients and weight
 * The lean loss takes the log-density of a guide's reparameterized Normal draw at the draw
   (:func:`neg_log_density_at_draw`): Σ log σ + ½ Σ ε², without recomputing (z − μ)/σ.
 * :func:`log_weights` is :func:`ppl_vae.objectives.log_weights` (per-datum importance
-  weights) without traces, for the importance-sampled log p(x) of :mod:`ppl_vae.evaluate`.
+  weights) without traces and with fused per-datum densities, for the importance-sampled
+  log p(x) of :mod:`ppl_vae.evaluate`, which replays it recorded (:class:`CapturedLogWeights`).
 """
 
 from __future__ import annotations
