@@ -683,6 +683,24 @@ def _identity_input(node, constants: dict) -> torch.fx.Node | None:
     return None
 
 
+def _only_fresh_tensors_mutated(graph: torch.fx.Graph) -> bool:
+    """Whether every in-place op of ``graph`` writes into a tensor the graph has just allocated
+    (``empty`` then ``normal_``, as random draws record), so no constant is ever written."""
+    for node in graph.nodes:
+        target = node.target
+        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
+            if target._schema.is_mutable:
+                first = node.args[0] if node.args else None
+                if not (
+                    isinstance(first, torch.fx.Node)
+                    and isinstance(first.target, torch._ops.OpOverload)
+                    and first.target._schema.name in ("aten::empty", "aten::empty_like")
+                    and len(first.users) == 1
+                ):
+                    return False
+    return True
+
+
 def _fuse_linear(graph: torch.fx.Graph) -> None:
     """``addmm(b, x, t(W))`` → ``linear(x, W, b)``: one call instead of two; for a 2-D input
     ``linear`` is that very ``addmm`` of ``t(W)`` (same kernels, same autograd nodes)."""
@@ -705,7 +723,8 @@ def _fuse_linear(graph: torch.fx.Graph) -> None:
 
 
 def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
-    """Exact rewrites of a recorded loss graph, in place.
+    """Exact rewrites of a recorded loss graph, in place (none at all when the graph writes
+    in place into anything but a tensor it has just allocated: a folded constant must stay put).
 
     * Constant folding: a node of :data:`_FOLDABLE` whose inputs are all constants of the graph
       (not inputs, not random draws) and whose result nothing mutates is computed once, here,
@@ -718,6 +737,9 @@ def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
       exactly those two ops below Python.
     """
     graph = graph_module.graph
+    if not _only_fresh_tensors_mutated(graph):
+        graph_module.recompile()  # a folded constant could be changed in place: no rewrites
+        return
     constants: dict[torch.fx.Node, torch.Tensor] = {}
 
     def is_constant(arg) -> bool:

@@ -582,6 +582,25 @@ def test_simplified_graph_is_bit_identical(seed):
         assert gone in plain_ops and gone not in simple_ops
 
 
+def test_simplify_graph_leaves_graphs_that_write_constants():
+    """A graph writing in place into a tensor it made (not a fresh draw) is left as recorded:
+    folding that tensor into a buffer would carry the write over to the next call."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(a):
+        z = a.new_zeros(a.shape)
+        z.add_(1.0)
+        return (a - a.new_zeros(a.shape)) * z
+
+    graph = make_fx(f)(torch.randn(3))
+    before = len(graph.graph.nodes)
+    fast.simplify_graph(graph)
+    assert len(graph.graph.nodes) == before
+    x = torch.randn(3)
+    for _ in range(2):
+        assert torch.equal(graph(x), f(x))
+
+
 def test_fit_loop_replays_once_the_kl_weight_holds(seed):
     """fit calls the model's step hook before every step; the VAE's KL warm-up changes its
     weight for ``warmup_steps`` steps, during which the loss runs lean; after, it replays.
