@@ -37,6 +37,29 @@ def make_parser(prog: str, doc: str | None, repeats: int, warmup: int) -> argpar
     return parser
 
 
+def add_step_flags(parser: argparse.ArgumentParser, images_per_sample: int) -> None:
+    """--batch-sizes and --images-per-sample, for the scripts that time blocks of steps."""
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch sizes (default: 128 1024 on CPU, 128 1024 8192 on CUDA)",
+    )
+    parser.add_argument(
+        "--images-per-sample",
+        type=int,
+        default=images_per_sample,
+        help="each timed sample is a block of max(1, this // batch) steps"
+        f" (default {images_per_sample})",
+    )
+
+
+def batch_sizes(args: argparse.Namespace, device: torch.device) -> list[int]:
+    """The --batch-sizes given, or 128 and 1024 (and 8192 on CUDA)."""
+    return args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
+
+
 def ratio_lines(timings: dict[str, Timings], what: str, device: torch.device) -> list[str]:
     """``ratio NAME/reference WHAT DEVICE: median (IQR lo–hi)`` for every non-reference entry."""
     lines = []

@@ -22,7 +22,15 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import describe, interleave, make_parser, ratio_lines, setup
+from benchmarks.common import (
+    add_step_flags,
+    batch_sizes,
+    describe,
+    interleave,
+    make_parser,
+    ratio_lines,
+    setup,
+)
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
 from ppl_vae import fast
 from ppl_vae.config import ObjectiveConfig
@@ -90,19 +98,7 @@ def unfused(step: FitStep):
 
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("benchmarks.step_overhead", __doc__, repeats=20, warmup=3)
-    parser.add_argument(
-        "--batch-sizes",
-        type=int,
-        nargs="+",
-        default=None,
-        help="batch sizes (default: 128 1024 on CPU, 128 1024 8192 on CUDA)",
-    )
-    parser.add_argument(
-        "--images-per-sample",
-        type=int,
-        default=2048,
-        help="each timed sample is a block of max(1, this // batch) steps (default 2048)",
-    )
+    add_step_flags(parser, images_per_sample=2048)
     parser.add_argument(
         "--no-plain", action="store_true", help="leave out the foundation's plain Trace_ELBO step"
     )
@@ -119,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     device = setup(args)
-    sizes = args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
+    sizes = batch_sizes(args, device)
     x_all = batch_of_images(max(sizes), device)
     summary = []
     for batch in sizes:

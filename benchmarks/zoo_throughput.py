@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import describe, interleave, make_parser, setup
+from benchmarks.common import add_step_flags, batch_sizes, describe, interleave, make_parser, setup
 from benchmarks.step_overhead import PYRO_EXAMPLE, FitStep, batch_of_images
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.fast import TrainStep, capture
@@ -39,25 +39,13 @@ def fit_step(config, device: torch.device) -> FitStep:
 
 def main(argv: list[str] | None = None) -> None:
     parser = make_parser("benchmarks.zoo_throughput", __doc__, repeats=5, warmup=2)
-    parser.add_argument(
-        "--batch-sizes",
-        type=int,
-        nargs="+",
-        default=None,
-        help="batch sizes (default: 128 1024 on CPU, 128 1024 8192 on CUDA)",
-    )
-    parser.add_argument(
-        "--images-per-sample",
-        type=int,
-        default=4096,
-        help="each timed sample is a block of max(1, this // batch) steps (default 4096)",
-    )
+    add_step_flags(parser, images_per_sample=4096)
     parser.add_argument(
         "--models", nargs="+", choices=sorted(MODELS), default=list(MODELS), help="which models"
     )
     args = parser.parse_args(argv)
     device = setup(args)
-    sizes = args.batch_sizes or ([128, 1024, 8192] if device.type == "cuda" else [128, 1024])
+    sizes = batch_sizes(args, device)
     x_all = batch_of_images(max(sizes), device)
     summary = []
     for batch in sizes:
