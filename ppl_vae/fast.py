@@ -74,6 +74,15 @@ def _plain_normal(base) -> bool:
     )
 
 
+def _plain_bernoulli(base) -> bool:
+    """A Bernoulli whose ``log_prob`` is torch's own (BCE with logits), unvalidated."""
+    return (
+        isinstance(base, Bernoulli)
+        and type(base).log_prob is _BERNOULLI_LOG_PROB
+        and not base._validate_args
+    )
+
+
 def neg_log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
     """−Σ scale_and_mask(fn.log_prob(value), scale, mask) over every dimension.
 
@@ -86,11 +95,7 @@ def neg_log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Ten
     """
     if FUSED_LOG_PROBS and mask is None and isinstance(scale, int | float):
         base = _base(fn)
-        if (
-            isinstance(base, Bernoulli)
-            and type(base).log_prob is _BERNOULLI_LOG_PROB
-            and not base._validate_args
-        ):
+        if _plain_bernoulli(base):
             logits, target = base.logits, value
             if logits.shape != target.shape:
                 logits, target = torch.broadcast_tensors(logits, target)
@@ -108,11 +113,6 @@ def neg_log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Ten
     return -scale_and_mask(fn.log_prob(value), scale, mask).sum()
 
 
-def log_prob_sum(fn, value: torch.Tensor, scale=1.0, mask=None) -> torch.Tensor:
-    """Σ scale_and_mask(fn.log_prob(value), scale, mask): :func:`neg_log_prob_sum`, negated."""
-    return -neg_log_prob_sum(fn, value, scale, mask)
-
-
 def reparameterized_normal_draw(fn) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(z, ε)`` with z = loc + ε·scale drawn exactly as ``fn()`` would (same random stream,
     same ops), for a plain (possibly ``to_event``'d) Normal; ``None`` for anything else."""
@@ -124,15 +124,25 @@ def reparameterized_normal_draw(fn) -> tuple[torch.Tensor, torch.Tensor] | None:
     return loc + eps * base.scale, eps
 
 
-def neg_log_density_at_draw(fn, eps: torch.Tensor, scale=1.0) -> torch.Tensor:
-    """−Σ log N(z; loc, scale) at the draw z = loc + ε·scale, as Σ log scale + ½ Σ ε² + n·c.
+def neg_log_density_at_draw(
+    fn, eps: torch.Tensor, scale=1.0, per_datum: bool = False
+) -> torch.Tensor:
+    """−Σ log N(z; loc, scale) at the draw z = loc + ε·scale, as Σ log scale + ½ Σ ε² + n·c,
+    summed over every dimension (or, ``per_datum``, over ``fn``'s event dimensions only).
 
     The same number as ``Normal.log_prob(z)`` summed and negated, up to rounding, and the same
     gradient: ((z − loc)/scale)² depends on the parameters only through z and (loc, scale), and
     its total derivative along the reparameterization is zero, which autograd finds by adding
     terms that cancel; here the quadratic is ε², a constant, and those terms are never computed.
     """
-    nlp = _base(fn).scale.log().sum() + (0.5 * eps.square().sum() + eps.numel() * _HALF_LOG_2PI)
+    log_sd, eps_sq = _base(fn).scale.log(), eps.square()
+    if per_datum:
+        dims, n = tuple(range(-len(fn.event_shape), 0)), math.prod(fn.event_shape)
+        if dims:
+            log_sd, eps_sq = log_sd.sum(dims), eps_sq.sum(dims)
+    else:
+        log_sd, eps_sq, n = log_sd.sum(), eps_sq.sum(), eps.numel()
+    nlp = log_sd + (0.5 * eps_sq + n * _HALF_LOG_2PI)
     return nlp if scale == 1.0 else nlp * scale
 
 
@@ -302,9 +312,7 @@ def log_prob_event_sum(fn, value: torch.Tensor) -> torch.Tensor:
     base = _base(fn)
     if (
         FUSED_LOG_PROBS
-        and isinstance(base, Bernoulli)
-        and type(base).log_prob is _BERNOULLI_LOG_PROB
-        and not base._validate_args
+        and _plain_bernoulli(base)
         and base.logits.shape == torch.broadcast_shapes(base.logits.shape, value.shape)
     ):
         dims = tuple(range(-len(fn.event_shape), 0))
@@ -332,12 +340,7 @@ class _LogWeights(_GuideThenModel):
             return
         eps = None if self.in_model else self.noise.get(msg["name"])
         if eps is not None:
-            dims = tuple(range(-len(fn.event_shape), 0))
-            n = math.prod(fn.event_shape)
-            log_sd, eps_sq = _base(fn).scale.log(), eps.square()
-            if dims:
-                log_sd, eps_sq = log_sd.sum(dims), eps_sq.sum(dims)
-            log_p = -(log_sd + (0.5 * eps_sq + n * _HALF_LOG_2PI))
+            log_p = -neg_log_density_at_draw(fn, eps, per_datum=True)
         elif msg["args"] or msg["kwargs"]:
             log_p = fn.log_prob(msg["value"], *msg["args"], **msg["kwargs"])
         else:
@@ -727,7 +730,7 @@ def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
     in place into anything but a tensor it has just allocated: a folded constant must stay put).
 
     * Constant folding: a node of :data:`_FOLDABLE` whose inputs are all constants of the graph
-      (not inputs, not random draws) and whose result nothing mutates is computed once, here,
+      (not inputs, not random draws) is computed once, here,
       and becomes a buffer of the graph (a standard Normal prior's ``new_zeros``, ``new_ones``,
       ``expand``s, Σ log 1, ...).
     * Identities: x − 0, x / 1, x · 1 with a folded constant, and ``expand`` to the same shape
@@ -760,12 +763,7 @@ def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
         if node.op == "get_attr":
             attr = getattr(graph_module, node.target, None)
             if isinstance(attr, torch.Tensor) and not attr.requires_grad:
-                mutated = any(
-                    isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable
-                    for u in node.users
-                )
-                if not mutated:
-                    constants[node] = attr
+                constants[node] = attr  # nothing writes into it (checked above)
             continue
         if node.op != "call_function":
             continue
@@ -791,10 +789,6 @@ def simplify_graph(graph_module: torch.fx.GraphModule) -> None:
             node.target in _FOLDABLE
             and is_constant(node.args)
             and is_constant(tuple(node.kwargs.values()))
-            and not any(
-                isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable
-                for u in node.users
-            )
         ):
             constants[node] = node.target(*value(node.args), **value(node.kwargs)).detach()
     _fuse_linear(graph)
