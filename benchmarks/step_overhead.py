@@ -35,7 +35,8 @@ from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
 from ppl_vae import fast
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.fast import TrainStep, capture
-from ppl_vae.models import VAE, VAEConfig
+from ppl_vae.models import VAEConfig, build
+from ppl_vae.models.base import LatentVariableModel
 
 PYRO_EXAMPLE = VAEConfig(z_dim=50, hidden=(400,), activation="softplus")
 
@@ -57,7 +58,7 @@ def batch_of_images(n: int, device: torch.device) -> torch.Tensor:
 class FitStep:
     """One iteration of ``ppl_vae.train.fit``'s loop: the model's step hook, then the step."""
 
-    def __init__(self, model: VAE, step: TrainStep):
+    def __init__(self, model: LatentVariableModel, step: TrainStep):
         self.model, self.train_step, self.steps = model, step, 0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,18 +67,20 @@ class FitStep:
         return self.train_step(x)
 
 
-def ppl_vae_step(device: torch.device, variant: str = "default") -> FitStep:
-    """The step fit builds: ``default`` (the loss recorded and replayed, fast.capture),
-    ``lean`` (--no-train.capture: the programs run at every step) or ``plain`` (the
-    foundation's Trace_ELBO, validated at every step); ``unsimplified`` (an ablation): the
-    recorded graph replayed without fast.simplify_graph's rewrites."""
+def ppl_vae_step(device: torch.device, variant: str = "default", config=PYRO_EXAMPLE) -> FitStep:
+    """The step fit builds for ``config`` (default: Pyro's example VAE): ``default`` (the loss
+    recorded and replayed where the model allows it, fast.capture), ``lean``
+    (--no-train.capture: the programs run at every step) or ``plain`` (the foundation's
+    Trace_ELBO, validated at every step); ``unsimplified`` (an ablation): the recorded graph
+    replayed without fast.simplify_graph's rewrites."""
     from ppl_vae.objectives import loss_module
 
-    model = VAE(PYRO_EXAMPLE).to(device)
+    model = build(config).to(device)
     loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=variant != "plain")
     if variant in ("default", "unsimplified"):
         loss_fn = capture(loss_fn, model)
-        loss_fn.simplify = variant == "default"
+        if variant == "unsimplified":
+            loss_fn.simplify = False
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     step = TrainStep(loss_fn, optimizer, validate="always" if variant == "plain" else "first")
     return FitStep(model, step)

@@ -13,28 +13,15 @@ is no hand-written reference here: these are absolute figures, the GPU ones the 
 
 from __future__ import annotations
 
-import torch
-
 from benchmarks.common import add_step_flags, batch_sizes, describe, interleave, make_parser, setup
-from benchmarks.step_overhead import PYRO_EXAMPLE, FitStep, batch_of_images
-from ppl_vae.config import ObjectiveConfig
-from ppl_vae.fast import TrainStep, capture
-from ppl_vae.models import VAEConfig, VQVAEConfig, build
-from ppl_vae.objectives import loss_module
+from benchmarks.step_overhead import PYRO_EXAMPLE, batch_of_images, ppl_vae_step
+from ppl_vae.models import VAEConfig, VQVAEConfig
 
 MODELS = {
     "vae_mlp": PYRO_EXAMPLE,
     "vae_conv": VAEConfig(arch="conv"),
     "vqvae": VQVAEConfig(),
 }
-
-
-def fit_step(config, device: torch.device) -> FitStep:
-    """The step fit builds for ``config`` (capture where the model allows it)."""
-    model = build(config).to(device).train()
-    loss_fn = capture(loss_module(model, ObjectiveConfig("trace")), model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return FitStep(model, TrainStep(loss_fn, optimizer))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
         steps = max(1, args.images_per_sample // batch)
         blocks = {}
         for name in args.models:
-            step = fit_step(MODELS[name], device)
+            step = ppl_vae_step(device, config=MODELS[name])
             blocks[name] = lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)]
         timings = interleave(blocks, args.repeats, args.warmup, device, args.clock)
         print(f"batch {batch} ({steps} steps per sample, {args.repeats} rounds, {args.clock})")
