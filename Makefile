@@ -56,8 +56,11 @@ bench: setup data
 	$(BIN)/python -m benchmarks.eval_throughput --images 10000 --repeats 1 --no-plain $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.zoo_throughput --repeats 3 $(BENCH_ARGS)
 
+# ruff, and the one-way layers of pyproject.toml's import-linter contract (a lower layer that
+# imports a higher one fails the build).
 lint: setup
 	$(BIN)/ruff check ppl_vae tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

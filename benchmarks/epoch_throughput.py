@@ -7,8 +7,10 @@ device and read back once at the end of the epoch. Contenders differ only in the
 
 * ``reference``: benchmarks/reference_vae.ReferenceStep (analytic KL, written by hand);
 * ``ppl_vae``: fit's default step, the model's step hook included (benchmarks.step_overhead);
-* ``ppl_vae_lean`` (unless --no-lean): the same with ``--no-train.capture``;
-* ``ppl_vae_plain`` (unless --no-plain): Trace_ELBO validated at every step (the "before").
+* ``ppl_vae_lean`` (unless --no-lean): the same without the recorded loss (the programs
+  run at every step under the lean ELBO);
+* ``ppl_vae_plain`` (unless --no-plain): ``--no-fast``, Trace_ELBO validated at every step
+  (the "before").
 
 Network: Pyro's VAE example (784-400-50 softplus), Adam 1e-3, batch 256 by default. Each
 contender keeps its model and optimizer across rounds; epochs alternate in order between

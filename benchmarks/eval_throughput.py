@@ -5,9 +5,9 @@ batch size and particle chunk:
 
 * ``reference``: reference_log_likelihood in benchmarks/reference_vae.py (weights written out
   by hand from the maths);
-* ``ppl_vae``: ppl_vae.evaluate.log_likelihood, what ``ppl-vae evaluate`` runs;
+* ``ppl_vae``: ppl_vae.metrics.log_likelihood, what ``ppl-vae evaluate`` runs;
 * ``ppl_vae_plain`` (unless --no-plain): the same with every chunk through Pyro traces
-  (lean=False), the foundation's path: the "before" figure.
+  (``--no-fast``), the foundation's path: the "before" figure.
 
 Prints images/s per contender, the time the full 10,000-image test set would take at that
 rate (with --images 10000 it is measured), the largest difference between the estimates of
@@ -28,7 +28,7 @@ from benchmarks.step_overhead import PYRO_EXAMPLE
 from ppl_vae import data
 from ppl_vae.config import DataConfig, EvalConfig
 from ppl_vae.errors import DataError
-from ppl_vae.evaluate import log_likelihood
+from ppl_vae.metrics import log_likelihood
 from ppl_vae.models import VAE
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         "--particle-chunk",
         type=int,
         default=defaults.particle_chunk,
-        help=f"draws at once (default {defaults.particle_chunk}, as ppl_vae.config.EvalConfig)",
+        help=f"draws at once (default {defaults.particle_chunk}, as ppl_vae.metrics.EvalConfig)",
     )
     parser.add_argument("--no-plain", action="store_true", help="leave out ppl_vae_plain")
     parser.add_argument(
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         if not args.no_plain:
             contenders["ppl_vae_plain"] = run(
-                "ppl_vae_plain", lambda: log_likelihood(model, inputs, **chunking, lean=False)
+                "ppl_vae_plain", lambda: log_likelihood(model, inputs, **chunking, fast=False)
             )
     timings = interleave(contenders, args.repeats, args.warmup, device, args.clock)
     n = inputs.shape[0]

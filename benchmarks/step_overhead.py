@@ -4,12 +4,12 @@ Contenders (same 784-400-50 softplus networks from ppl_vae.nets, Adam 1e-3, same
 
 * ``reference``: benchmarks/reference_vae.py, -ELBO written by hand with the analytic KL;
 * ``ppl_vae``: what ``ppl_vae.train.fit`` runs per batch by default: the model's step hook,
-  then ppl_vae.fast.TrainStep over the lean Trace_ELBO recorded and replayed as a graph of
-  tensor ops (ppl_vae.fast.capture / CapturedELBO), Pyro validation on the first step;
-* ``ppl_vae_lean`` (unless --no-lean): the same with ``--no-train.capture``: the Pyro
-  programs run at every step under the lean ELBO;
-* ``ppl_vae_plain`` (unless --no-plain): the foundation's step, Pyro's Trace_ELBO with
-  validation on at every step: the "before" figure.
+  then ppl_vae.inference.svi.SVIStep over the lean Trace_ELBO recorded and replayed as a
+  graph of tensor ops (ppl_vae.inference.recording.record), Pyro validation on the first step;
+* ``ppl_vae_lean`` (unless --no-lean): the same without the recording: the Pyro programs run
+  at every step under the lean ELBO (what a model that does not opt in to recording gets);
+* ``ppl_vae_plain`` (unless --no-plain): ``--no-fast``, the foundation's step: Pyro's
+  Trace_ELBO with validation on at every step: the "before" figure.
 
 Rounds alternate the order of the contenders; each timed sample is a block of steps. The last
 lines printed are the paired ratios ppl_vae / reference, one per batch size.
@@ -32,21 +32,23 @@ from benchmarks.common import (
     setup,
 )
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE
-from ppl_vae import fast
-from ppl_vae.config import ObjectiveConfig
-from ppl_vae.fast import TrainStep, capture
+from ppl_vae import data
+from ppl_vae.config import DataConfig, ObjectiveConfig
+from ppl_vae.errors import DataError
+from ppl_vae.inference import recording
+from ppl_vae.inference.estimators import LeanTrace_ELBO
+from ppl_vae.inference.objectives import loss_module, own_parameters
+from ppl_vae.inference.recording import record
+from ppl_vae.inference.svi import SVIStep
 from ppl_vae.models import VAEConfig, build
 from ppl_vae.models.base import LatentVariableModel
+from ppl_vae.models.capabilities import TrainingHooks
 
 PYRO_EXAMPLE = VAEConfig(z_dim=50, hidden=(400,), activation="softplus")
 
 
 def batch_of_images(n: int, device: torch.device) -> torch.Tensor:
     """``n`` dynamically binarized Fashion-MNIST training images (random pixels if unavailable)."""
-    from ppl_vae import data
-    from ppl_vae.config import DataConfig
-    from ppl_vae.errors import DataError
-
     try:
         images = data.load(DataConfig(), device).train.images
     except DataError:
@@ -58,45 +60,53 @@ def batch_of_images(n: int, device: torch.device) -> torch.Tensor:
 class FitStep:
     """One iteration of ``ppl_vae.train.fit``'s loop: the model's step hook, then the step."""
 
-    def __init__(self, model: LatentVariableModel, step: TrainStep):
+    def __init__(self, model: LatentVariableModel, step: SVIStep):
         self.model, self.train_step, self.steps = model, step, 0
+        self.hooks = model if isinstance(model, TrainingHooks) else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self.model.on_train_step(self.steps)
+        if self.hooks is not None:
+            self.hooks.on_train_step(self.steps)
         self.steps += 1
         return self.train_step(x)
 
 
 def ppl_vae_step(device: torch.device, variant: str = "default", config=PYRO_EXAMPLE) -> FitStep:
     """The step fit builds for ``config`` (default: Pyro's example VAE): ``default`` (the loss
-    recorded and replayed where the model allows it, fast.capture), ``lean``
-    (--no-train.capture: the programs run at every step) or ``plain`` (the foundation's
-    Trace_ELBO, validated at every step); ``unsimplified`` (an ablation): the recorded graph
-    replayed without fast.simplify_graph's rewrites."""
-    from ppl_vae.objectives import loss_module
-
+    recorded and replayed where the model opts in), ``lean`` (not recorded: the programs run at
+    every step) or ``plain`` (``--no-fast``: Trace_ELBO, validated at every step). Ablations,
+    one optimization at a time: ``validate_first`` (Trace_ELBO validated on the first step
+    only), ``lean_unfused`` (the lean ELBO with every density through ``log_prob``) and
+    ``unsimplified`` (the recorded graph replayed without simplify_graph's rewrites)."""
     model = build(config).to(device)
-    loss_fn = loss_module(model, ObjectiveConfig("trace"), lean=variant != "plain")
+    cfg = ObjectiveConfig("trace")
+    if variant == "lean_unfused":
+        loss_fn = LeanTrace_ELBO(own_params=own_parameters(model), fused=False)(
+            model.model, model.guide
+        )
+    else:
+        loss_fn = loss_module(model, cfg, fast=variant not in ("plain", "validate_first"))
     if variant in ("default", "unsimplified"):
-        loss_fn = capture(loss_fn, model)
-        if variant == "unsimplified":
-            loss_fn.simplify = False
+        loss_fn = record(loss_fn, model)
+    if variant == "unsimplified":
+        loss_fn = Unsimplified(loss_fn)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    step = TrainStep(loss_fn, optimizer, validate="always" if variant == "plain" else "first")
-    return FitStep(model, step)
+    return FitStep(model, SVIStep(loss_fn, optimizer, fast=variant != "plain"))
 
 
-def unfused(step: FitStep):
-    """``step`` with ppl_vae.fast's fused log-density sums switched off while it runs."""
+class Unsimplified:
+    """A recorded loss whose graphs are recorded without simplify_graph (an ablation)."""
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        fast.FUSED_LOG_PROBS = False
+    def __init__(self, recorded):
+        self.recorded = recorded
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        simplify = recording.simplify_graph
+        recording.simplify_graph = lambda graph: graph.recompile()
         try:
-            return step(x)
+            return self.recorded(x)
         finally:
-            fast.FUSED_LOG_PROBS = True
-
-    return run
+            recording.simplify_graph = simplify
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -106,15 +116,15 @@ def main(argv: list[str] | None = None) -> None:
         "--no-plain", action="store_true", help="leave out the foundation's plain Trace_ELBO step"
     )
     parser.add_argument(
-        "--no-lean", action="store_true", help="leave out the --no-train.capture step"
+        "--no-lean", action="store_true", help="leave out the unrecorded lean step"
     )
     parser.add_argument(
         "--ablation",
         action="store_true",
         help="add the steps between plain and ppl_vae, one optimization at a time:"
         " ablate_validate_first (Trace_ELBO, validation on the first step only) and"
-        " ablate_lean_unfused (LeanTrace_ELBO with every density through log_prob, no"
-        " capture) and ablate_unsimplified (the recorded loss without simplify_graph)",
+        " ablate_lean_unfused (LeanTrace_ELBO with every density through log_prob, not"
+        " recorded) and ablate_unsimplified (the recorded loss without simplify_graph)",
     )
     args = parser.parse_args(argv)
     device = setup(args)
@@ -131,11 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.no_plain:
             contenders["ppl_vae_plain"] = ppl_vae_step(device, "plain")
         if args.ablation:
-            validate_first = ppl_vae_step(device, "plain")
-            validate_first.train_step.validate = "first"
-            contenders["ablate_validate_first"] = validate_first
-            contenders["ablate_lean_unfused"] = unfused(ppl_vae_step(device, "lean"))
-            contenders["ablate_unsimplified"] = ppl_vae_step(device, "unsimplified")
+            for name in ("validate_first", "lean_unfused", "unsimplified"):
+                contenders[f"ablate_{name}"] = ppl_vae_step(device, name)
         blocks = {
             name: (lambda step=step, x=x, steps=steps: [step(x) for _ in range(steps)])
             for name, step in contenders.items()

@@ -1,8 +1,8 @@
 """Training images/s of the model zoo: the MLP VAE, the conv VAE and the VQ-VAE.
 
 Each model trains through the step ``ppl_vae.train.fit`` builds for it (its step hook, then
-ppl_vae.fast.TrainStep over the lean Trace_ELBO, recorded and replayed where the model allows
-it: the VQ-VAE runs lean), Adam 1e-3, on one batch of dynamically binarized Fashion-MNIST
+ppl_vae.inference.svi.SVIStep over the lean Trace_ELBO, recorded and replayed where the model
+opts in: the VQ-VAE runs lean), Adam 1e-3, on one batch of dynamically binarized Fashion-MNIST
 images kept on the device. Models are timed interleaved, rounds alternating their order. There
 is no hand-written reference here: these are absolute figures, the GPU ones the issue asks for
 (on a CPU they show where each model spends its time, not a ratio).

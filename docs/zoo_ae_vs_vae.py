@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ppl_vae import data, runs
-from ppl_vae.evaluate import log_likelihood
+from ppl_vae.metrics import log_likelihood
 
 
 def main(runs_dir: Path) -> None:

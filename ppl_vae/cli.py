@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
 import sys
@@ -18,18 +19,50 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ppl_vae import models
+import torch
+
+from ppl_vae import data, diagnostics, evaluate, models, plots, report, runs, train
 from ppl_vae.config import PRESETS, EvalConfig, RunConfig, preset, with_model
 from ppl_vae.errors import UserError
+from ppl_vae.metrics import format_results
 
 PROG = "ppl-vae"
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``ppl-vae train: error: ... (see --help)``, exit code 2."""
+    """argparse with one-line errors: ``ppl-vae train: error: ... (see --help)``, exit code 2.
+
+    An unknown flag that is the tail of a real one (``--epochs`` for ``--train.epochs``) or
+    close to one gets a "did you mean" naming it. Flags are never abbreviated.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            unknown = message[len(prefix) :].split()
+            hints = [h for h in (self.suggest(a) for a in unknown if a.startswith("--")) if h]
+            if hints:
+                message += "; did you mean " + ", ".join(hints) + "?"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def suggest(self, flag: str) -> str | None:
+        """The real flag(s) ``flag`` most likely means: same last component, else close."""
+        flag = flag.split("=", 1)[0]
+        options = [o for o in self._option_string_actions if o.startswith("--")]
+
+        def tail(option: str) -> str:
+            negated = option.startswith("--no-")
+            last = option.removeprefix("--no-" if negated else "--").split(".")[-1]
+            return ("--no-" if negated else "--") + last
+
+        same_tail = [o for o in options if "." in o and tail(o) == flag]
+        if same_tail:
+            return " or ".join(same_tail)
+        close = difflib.get_close_matches(flag, options, n=1, cutoff=0.75)
+        return close[0] if close else None
 
 
 # ----------------------------------------------------------------------------- dataclass → flags
@@ -83,11 +116,12 @@ def add_config_flags(parser: argparse.ArgumentParser, default: Any, prefix: str 
             add_config_flags(parser, value, f"{prefix}{f.name}.")
             continue
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
+        text = f"{docs.get(f.name, '')} (default: {shown})".replace("%", "%%")  # argparse formats
         group.add_argument(
             f"--{prefix}{f.name}".replace("_", "-"),
             dest=f"{prefix}{f.name}",
             default=argparse.SUPPRESS,
-            help=f"{docs.get(f.name, '')} (default: {shown})",
+            help=text,
             **_argument_spec(hints[f.name]),
         )
 
@@ -110,24 +144,35 @@ def apply_flags(default: Any, flags: dict[str, Any]) -> Any:
 # ----------------------------------------------------------------------------- commands
 
 
-def cmd_train(argv: list[str]) -> int:
+def parse_train(argv: list[str]) -> tuple[RunConfig | None, Path | None, int | None]:
+    """``ppl-vae train`` arguments → ``(config, None, None)`` for a new run, or
+    ``(None, RUN_DIR, epochs)`` to resume one. Exits with code 2 on a bad argument."""
     kinds = list(models.REGISTRY)
-    # The flags depend on the preset and the model kind, so find those two first; the full
-    # parser below then checks every argument, these two included.
-    kind = next((a for a in argv if a in kinds), None)
-    preset_name = _flag_value(argv, "--preset") or "default"
+    # The model kind is the first argument, a subcommand (`ppl-vae train vqvae --model.ema`),
+    # never read out of another flag's value; the flags depend on it and on the preset.
+    kind = None
+    if argv and not argv[0].startswith("-"):
+        kind, argv = argv[0], argv[1:]
+        if kind not in kinds:
+            raise UserError(
+                f"unknown model {kind!r}; choose one of {', '.join(kinds)} "
+                "(the model is the first argument: ppl-vae train KIND [options])"
+            )
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    early.add_argument("--preset", default="default")
+    preset_name = early.parse_known_args(argv)[0].preset
     base = preset(preset_name) if preset_name in PRESETS else RunConfig()
     if kind:
         base = with_model(base, kind)
 
     parser = Parser(
-        prog=f"{PROG} train",
+        prog=f"{PROG} train" + (f" {kind}" if kind else ""),
+        usage=f"{PROG} train {kind or '[KIND]'} [options]",
         description="Train a model with SVI and write its run folder "
-        "(config.json, metrics.csv, checkpoint.pt, figures, eval.json, report.md).",
+        "(config.json, metrics.csv, checkpoint.pt, figures, eval.json, report.md). "
+        f"KIND, the first argument, is the model: {', '.join(kinds)} (default: "
+        f"{base.model.kind}); `ppl-vae train KIND --help` lists its options.",
         epilog="Example: ppl-vae train vae --model.z-dim 16 --train.epochs 5 --objective meanfield",
-    )
-    parser.add_argument(
-        "kind", nargs="?", choices=kinds, help=f"model to train (default: {base.model.kind})"
     )
     parser.add_argument(
         "--preset",
@@ -152,46 +197,38 @@ def cmd_train(argv: list[str]) -> int:
     add_config_flags(parser, base)
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if "." in k or k in _RUN_KEYS}
-    from ppl_vae import evaluate, report, train
+    if args.resume is None:
+        return apply_flags(base, flags), None, None
+    extra = [f"--{k}".replace("_", "-") for k in sorted(set(flags) - {"train.epochs"})]
+    extra += [f"the model {kind}"] if kind else []
+    if extra:
+        parser.error(f"--resume uses the saved config; drop {', '.join(extra)}")
+    return None, args.resume, flags.get("train.epochs")
 
-    if args.resume is not None:
-        extra = set(flags) - {"train.epochs"}
-        if extra:
-            parser.error(f"--resume uses the saved config; drop {', '.join(sorted(extra))}")
-        run_dir = train.fit(resume=args.resume, epochs=flags.get("train.epochs"))
-    else:
-        cfg = apply_flags(base, flags)
-        run_dir = train.fit(cfg)
-    results = evaluate.evaluate_run(run_dir, device=_train_device(run_dir))
-    report.build_report(run_dir, device=_train_device(run_dir))
+
+def cmd_train(argv: list[str]) -> int:
+    cfg, resume, epochs = parse_train(argv)
+    run_dir = train.fit(cfg) if resume is None else train.fit(resume=resume, epochs=epochs)
+    device = runs.read_config(run_dir).train.device
+    results = evaluate.evaluate_run(run_dir, device=device)
+    report.build_report(run_dir, device=device)
     print(f"run folder: {run_dir}")
-    _print_results(results)
+    print("\n".join(format_results(results)))
     return 0
 
 
-_RUN_KEYS = {"name", "runs_dir"}
+_RUN_KEYS = {  # the run's own fields (--name, --runs-dir, --fast), not the nested configs
+    f.name for f in dataclasses.fields(RunConfig) if not dataclasses.is_dataclass(f.default_factory)
+}
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    """The value given to ``flag`` (``--flag V`` or ``--flag=V``), or None."""
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def _train_device(run_dir: Path) -> str:
-    from ppl_vae import runs
-
-    return runs.read_config(run_dir).train.device
-
-
-def _print_results(results: dict[str, Any]) -> None:
-    from ppl_vae.evaluate import format_results
-
-    print("\n".join(format_results(results)))
+def _add_fast_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the fast paths (same numbers; see ppl-vae train --help); default: the run's",
+    )
 
 
 def cmd_evaluate(argv: list[str]) -> int:
@@ -219,12 +256,12 @@ def cmd_evaluate(argv: list[str]) -> int:
         help="a VAE run folder under which -log p of this model's samples is estimated "
         "(e.g. for an AE, which has no likelihood of its own)",
     )
-    from ppl_vae.evaluate import EVALUATE_K
-
+    _add_fast_flag(parser)
     defaults = EvalConfig()
     docs = field_docs(EvalConfig)
     for f in dataclasses.fields(EvalConfig):
-        default = EVALUATE_K if f.name == "k" else f"the run's, else {getattr(defaults, f.name)}"
+        shown = f"the run's, else {getattr(defaults, f.name)}"
+        default = evaluate.EVALUATE_K if f.name == "k" else shown
         parser.add_argument(
             f"--{f.name}".replace("_", "-"),
             type=int,
@@ -234,8 +271,6 @@ def cmd_evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.images < 0:
         parser.error(f"argument --images: must be >= 0 (got {args.images})")
-    from ppl_vae import evaluate, runs
-
     saved = runs.read_config(args.run_dir).eval
     if args.reference_vae is not None:
         runs.read_config(args.reference_vae)  # a missing folder is a one-line error
@@ -244,7 +279,7 @@ def cmd_evaluate(argv: list[str]) -> int:
         for f in dataclasses.fields(EvalConfig)
         if getattr(args, f.name) is not None
     }
-    eval_cfg = replace(saved, **{"k": EVALUATE_K, **given})
+    eval_cfg = replace(saved, **{"k": evaluate.EVALUATE_K, **given})
     results = evaluate.evaluate_run(
         args.run_dir,
         eval_cfg,
@@ -252,15 +287,14 @@ def cmd_evaluate(argv: list[str]) -> int:
         device=args.device,
         images=args.images,
         reference_dir=args.reference_vae,
+        fast=args.fast,
     )
-    _print_results(results)
+    print("\n".join(format_results(results)))
     print(f"written: {Path(args.run_dir) / evaluate.EVAL_JSON}")
     return 0
 
 
 def cmd_diagnose(argv: list[str]) -> int:
-    from ppl_vae.diagnostics import DiagnoseConfig
-
     parser = Parser(
         prog=f"{PROG} diagnose",
         description="Diagnose the guide of a run folder on test images: PSIS k-hat of the "
@@ -272,12 +306,10 @@ def cmd_diagnose(argv: list[str]) -> int:
     parser.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)"
     )
-    add_config_flags(parser, DiagnoseConfig())
+    add_config_flags(parser, diagnostics.DiagnoseConfig())
     args = parser.parse_args(argv)
     flags = {k: v for k, v in vars(args).items() if k not in ("run_dir", "device")}
-    cfg = apply_flags(DiagnoseConfig(), flags)
-    from ppl_vae import diagnostics
-
+    cfg = apply_flags(diagnostics.DiagnoseConfig(), flags)
     results = diagnostics.diagnose_run(args.run_dir, cfg, device=args.device)
     print("\n".join(diagnostics.format_diagnostics(results)))
     print(f"written: {Path(args.run_dir) / diagnostics.DIAGNOSTICS_JSON}")
@@ -308,10 +340,6 @@ def cmd_sample(argv: list[str]) -> int:
         parser.error(f"argument -n: must be a positive integer (got {args.n})")
     if not args.output.parent.is_dir():
         parser.error(f"argument -o: folder {args.output.parent} does not exist")
-    import torch
-
-    from ppl_vae import data, plots, runs
-
     cfg, model, _ = runs.load_model(args.run_dir, data.resolve_device(args.device))
     torch.manual_seed(args.seed)
     plots.samples_figure(model, args.output, data.IMAGE_SHAPE[cfg.data.dataset], args.n, args.nrow)
@@ -330,8 +358,6 @@ def cmd_report(argv: list[str]) -> int:
         "--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)"
     )
     args = parser.parse_args(argv)
-    from ppl_vae import report
-
     path = report.build_report(args.run_dir, device=args.device)
     print(f"written: {path} and {path.with_suffix('.html')}")
     return 0

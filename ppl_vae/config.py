@@ -1,9 +1,12 @@
 """Run configuration: frozen dataclasses that hold every default exactly once.
 
 A run is described by a :class:`RunConfig`; its ``model`` field holds the config of one
-registered model (see :mod:`ppl_vae.models`). The CLI flags are generated from these classes
-(``--train.epochs``, ``--model.z-dim``, ...), their attribute docstrings are the ``--help`` text,
-and ``config.json`` in every run folder is :func:`to_dict` of the config the run used.
+registered model (see :mod:`ppl_vae.models`). The leaf configs live next to what they configure
+(:class:`~ppl_vae.data.DataConfig`, :class:`~ppl_vae.inference.objectives.ObjectiveConfig`,
+:class:`~ppl_vae.metrics.EvalConfig`, each model's config in its file) and are assembled here.
+The CLI flags are generated from these classes (``--train.epochs``, ``--model.z-dim``, ...),
+their attribute docstrings are the ``--help`` text, and ``config.json`` in every run folder is
+:func:`to_dict` of the config the run used.
 """
 
 from __future__ import annotations
@@ -15,23 +18,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from ppl_vae.data import DataConfig
 from ppl_vae.errors import ConfigError, check
+from ppl_vae.inference.objectives import ObjectiveConfig
+from ppl_vae.metrics import EvalConfig
 from ppl_vae.models import ModelConfig, VAEConfig, config_class
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
-    """Which dataset to train on."""
-    data_dir: Path | None = None
-    """Folder with the four IDX files (.gz or not); default: Debian's copy, else a download."""
-    binarization: Literal["dynamic", "static", "none"] = "dynamic"
-    """dynamic: a fresh Bernoulli draw per batch; static: one fixed draw; none: intensities."""
-    train_subset: int = 0
-    """Train on the first N training images only (0 = all 50,000)."""
-
-    def __post_init__(self) -> None:
-        check(self.train_subset >= 0, "--data.train-subset", ">= 0", self.train_subset)
 
 
 @dataclass(frozen=True)
@@ -52,10 +43,6 @@ class TrainConfig:
     """auto picks cuda when available."""
     progress: bool = True
     """Show progress bars (they stay quiet when output is not a terminal)."""
-    capture: bool = True
-    """Replay the Trace_ELBO training loss as a recorded graph of tensor ops
-    (ppl_vae.fast.CapturedELBO) for models that allow it: the same numbers, without Pyro's
-    per-step Python. --no-train.capture runs the programs at every step."""
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "--train.epochs", "a positive integer", self.epochs)
@@ -65,50 +52,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ObjectiveConfig:
-    name: Literal["trace", "meanfield", "tracegraph", "renyi", "iwae", "stl", "dreg"] = "trace"
-    """trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL);
-    tracegraph: TraceGraph_ELBO; renyi: Rényi bound of order --objective.alpha; iwae:
-    importance-weighted bound, per datapoint; stl: ELBO with sticking-the-landing gradients;
-    dreg: IWAE bound with doubly reparameterized gradients (see ppl_vae.estimators)."""
-    num_particles: int = 1
-    """Samples of z per datapoint in each ELBO estimate (vectorized); K of iwae/renyi/dreg."""
-    alpha: float = 0.5
-    """Order α of the Rényi bound (--objective renyi); α ≠ 1, and α = 0 is the IWAE bound."""
-
-    def __post_init__(self) -> None:
-        check(self.num_particles >= 1, "--objective.num-particles", ">= 1", self.num_particles)
-        check(
-            self.name != "renyi" or self.alpha != 1,
-            "--objective.alpha",
-            "different from 1 for --objective renyi (α = 1 is the ELBO: --objective trace)",
-            self.alpha,
-        )
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    k: int = 1000
-    """Importance samples per test image for the log p(x) estimate."""
-    batch_size: int = 100
-    """Test images per evaluation batch."""
-    particle_chunk: int = 50
-    """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats
-    (50 × 100 images: 16 MB of logits). The guide's encoder runs once per chunk, so larger
-    chunks amortize it (benchmarks/RESULTS.md)."""
-
-    def __post_init__(self) -> None:
-        check(self.k >= 1, "--eval.k", "a positive integer", self.k)
-        check(self.batch_size >= 1, "--eval.batch-size", "a positive integer", self.batch_size)
-        check(self.particle_chunk >= 1, "--eval.particle-chunk", ">= 1", self.particle_chunk)
-
-
-@dataclass(frozen=True)
 class RunConfig:
     name: str | None = None
     """Run folder name under --runs-dir (default: <model>-<date>-<time>)."""
     runs_dir: Path = Path("runs")
     """Where run folders are written."""
+    fast: bool = True
+    """The fast paths, for training and evaluation: Pyro validation on the first step only, the
+    lean ELBO and importance weights (fused log-densities, no trace objects), recorded and
+    replayed as graphs of tensor ops for models that opt in. The same loss and gradients as the
+    programs run by Pyro (tests/test_fast_paths.py), refused wherever they could differ.
+    --no-fast runs Pyro's Trace_ELBO with its validation at every step and no recording:
+    slower (about 1.4x per step at batch 128 on a CPU), for debugging a new model."""
     model: ModelConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

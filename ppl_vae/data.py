@@ -26,11 +26,11 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from ppl_vae.config import DataConfig
-from ppl_vae.errors import ConfigError, DataError
+from ppl_vae.errors import ConfigError, DataError, check
 
 VAL_SIZE = 10_000
 SPLIT_SEED = 20151101  # fixes the train/validation split; independent of the run seed
@@ -45,6 +45,21 @@ FILES = {
     "test_labels": "t10k-labels-idx1-ubyte",
 }
 IDX_UBYTE = 0x08  # the only element type these datasets use
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
+    """Which dataset to train on."""
+    data_dir: Path | None = None
+    """Folder with the four IDX files (.gz or not); default: Debian's copy, else a download."""
+    binarization: Literal["dynamic", "static", "none"] = "dynamic"
+    """dynamic: a fresh Bernoulli draw per batch; static: one fixed draw; none: intensities."""
+    train_subset: int = 0
+    """Train on the first N training images only (0 = all 50,000)."""
+
+    def __post_init__(self) -> None:
+        check(self.train_subset >= 0, "--data.train-subset", ">= 0", self.train_subset)
 
 
 def how_to_get(dataset: str) -> str:

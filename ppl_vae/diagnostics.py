@@ -1,9 +1,11 @@
 """Diagnostics of the guide with arviz: PSIS k̂ of the importance weights, the amortization and
 approximation gaps, and NUTS gold-standard posteriors; everything exportable as InferenceData.
 
-All three look at a model whose guide q(z|x) has a density (a VAE, the linear-Gaussian model);
-point-mass guides (AE, VQ-VAE) have no importance weights and are refused with a
-:class:`~ppl_vae.errors.ConfigError`.
+All three look at a model whose guide q(z|x) has a density over a vector z (a VAE, the
+linear-Gaussian model); point-mass guides (AE, VQ-VAE) have no importance weights and are
+refused with a :class:`~ppl_vae.errors.ConfigError`. The gaps need a Gaussian guide
+(:class:`~ppl_vae.models.capabilities.GaussianGuide`), since the local q* they fit must lie in
+the guide's family; for other density guides they are left out, with a note.
 
 References:
 
@@ -18,6 +20,8 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import sys
@@ -30,13 +34,17 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.infer import MCMC, NUTS, Trace_ELBO
+from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
-from ppl_vae import data, runs
+from ppl_vae import data, plots, runs
 from ppl_vae.errors import ConfigError, check
-from ppl_vae.objectives import MAX_PLATE_NESTING, log_mean_exp, log_weights
+from ppl_vae.inference import weights
+from ppl_vae.inference.objectives import ObjectiveConfig, make_elbo
+from ppl_vae.inference.svi import SVIStep, run_svi
+from ppl_vae.inference.weights import MAX_PLATE_NESTING, log_mean_exp
+from ppl_vae.metrics import DENSITY_GUIDE, VECTOR_LATENT, ProgramFacts
+from ppl_vae.models.capabilities import GaussianGuide
 
 DIAGNOSTICS_JSON = "diagnostics.json"
 IMPORTANCE_NC = "importance.nc"
@@ -104,22 +112,13 @@ class DiagnoseConfig:
         check(self.batch_size >= 1, "--batch-size", ">= 1", self.batch_size)
 
 
-# ----------------------------------------------------------------------------- the guide's site
-
-
-def guide_site(model, x: torch.Tensor) -> dict[str, Any]:
-    """The guide's ``"z"`` site for the batch ``x`` (one draw), as Pyro traces it."""
-    return poutine.trace(model.guide).get_trace(x).nodes["z"]
+# ----------------------------------------------------------------------------- what applies
 
 
 def check_density_guide(model, x: torch.Tensor) -> None:
     """Raise :class:`ConfigError` unless q(z|x) has a density over a vector z."""
-    site = guide_site(model, x[:1])
-    fn = site["fn"]
-    point_mass = isinstance(fn, dist.Delta) or isinstance(
-        getattr(fn, "base_dist", None), dist.Delta
-    )
-    if point_mass or site["value"].dim() != 2:
+    facts = ProgramFacts.of(model, x[:1])
+    if not (DENSITY_GUIDE.holds(model, facts) and VECTOR_LATENT.holds(model, facts)):
         raise ConfigError(
             f"{type(model).__name__}: q(z|x) is a point mass (or z is not a vector), so it has "
             "no importance weights, k-hat or gaps; diagnose a model with a density guide (vae)"
@@ -133,7 +132,7 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pareto k̂ and PSIS-smoothed log p(x) of each column of log importance weights.
 
     :param torch.Tensor log_w: ``(K, B)`` log p(x, z_k) − log q(z_k|x), K draws per datapoint
-        (:func:`ppl_vae.objectives.log_weights`).
+        (:func:`ppl_vae.inference.weights.log_weights`).
     :returns: ``(khat, log_px_psis)``, each ``(B,)`` float64 on the CPU. ``khat`` is the shape
         of the generalized Pareto distribution fitted to the largest weights by
         :func:`arviz.psislw`; ``log_px_psis`` is log (1/K) Σ_k w̃_k with the smoothed weights
@@ -172,7 +171,7 @@ def importance_weights(
     for x in tqdm(data.batches(inputs, batch_size), total=total, desc="log weights",
                   disable=None if progress else True, leave=False):  # fmt: skip
         parts = [
-            log_weights(model.model, model.guide, x, min(chunk, k - start)).double().cpu()
+            weights.log_weights(model.model, model.guide, x, min(chunk, k - start)).double().cpu()
             for start in range(0, k, chunk)
         ]
         columns.append(torch.cat(parts))
@@ -222,64 +221,49 @@ class LocalGuide(torch.nn.Module):
             pyro.sample("z", dist.Normal(self.z_loc, self.z_scale).to_event(1))
 
 
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module):
+    """``model`` in eval mode with every parameter's ``requires_grad`` off, restored after:
+    SVI on another guide then fits that guide's parameters alone."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    training = model.training
+    model.eval()
+    for param, _ in saved:
+        param.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for param, flag in saved:
+            param.requires_grad_(flag)
+        model.train(training)
+
+
 def fit_local_guide(
-    model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = False
+    model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = False, fast: bool = True
 ) -> LocalGuide:
     """Optimize a :class:`LocalGuide` for the batch ``x`` by SVI, the model frozen.
 
-    Starts from the amortized guide's mean and marginal standard deviations (so q* can only
-    improve on the diagonal part of q), then takes ``cfg.local_steps`` Adam steps on the
+    Starts from the amortized guide's mean and marginal standard deviations
+    (:class:`~ppl_vae.models.capabilities.GaussianGuide`), so q* can only improve on the
+    diagonal part of q, then takes ``cfg.local_steps`` Adam steps of the one SVI loop on the
     Trace_ELBO with ``cfg.local_particles`` vectorized particles, the learning rate decaying
     from ``cfg.local_lr`` to 1% of it. The loss is a sum over datapoints whose parameters are
-    disjoint, and Adam works per coordinate, so every datapoint is fitted independently.
-    Only the local parameters are stepped; the model's gradients are not kept.
+    disjoint, and Adam works per coordinate, so every datapoint is fitted independently. The
+    model is frozen (:func:`frozen`): its parameters and their gradients stay untouched.
     """
     with torch.no_grad():
-        fn = guide_site(model, x)["fn"]
-        local = LocalGuide(fn.mean, fn.variance.sqrt())
-    elbo = Trace_ELBO(
-        num_particles=cfg.local_particles,
-        vectorize_particles=cfg.local_particles > 1,
-        max_plate_nesting=MAX_PLATE_NESTING,
-    )
+        q = model.posterior(x)
+        local = LocalGuide(q.mean, q.variance.sqrt())
     params = list(local.parameters())
+    elbo = make_elbo(ObjectiveConfig("trace", cfg.local_particles), fast, params)
     optimizer = torch.optim.Adam(params, lr=cfg.local_lr)
     decay = 0.01 ** (1 / max(1, cfg.local_steps))
     schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, decay)
-    for _ in tqdm(range(cfg.local_steps), desc="local q*", disable=None if progress else True,
-                  leave=False):  # fmt: skip
-        loss = elbo.differentiable_loss(model.model, local, x)
-        # gradients of the local parameters only: the model's stay untouched (frozen)
-        for param, grad in zip(params, torch.autograd.grad(loss, params), strict=True):
-            param.grad = grad
-        optimizer.step()
-        schedule.step()
+    step = SVIStep(elbo(model.model, local), optimizer, fast, scheduler=schedule)
+    with frozen(model):
+        run_svi(step, itertools.repeat(x, cfg.local_steps), total=cfg.local_steps,
+                desc="local q*", progress=progress)  # fmt: skip
     return local
-
-
-@torch.no_grad()
-def elbo_draws(model_fn, guide_fn, x: torch.Tensor, particles: int) -> torch.Tensor:
-    """``(particles, B)`` draws of log p(x, z) − log q(z|x), z ~ q: each column's mean is an
-    unbiased estimate of that datapoint's ELBO."""
-    return log_weights(model_fn, guide_fn, x, particles)
-
-
-def _particles(fn, num_particles: int):
-    def wrapped(*args):
-        with pyro.plate("particles", num_particles, dim=-(MAX_PLATE_NESTING + 1)):
-            return fn(*args)
-
-    return wrapped
-
-
-def _site_log_density(trace) -> torch.Tensor:
-    """Σ of the unobserved sample sites' log densities of a trace, keeping (particles, B)."""
-    trace.compute_log_prob()
-    return sum(
-        site["log_prob"]
-        for site in trace.nodes.values()
-        if site["type"] == "sample" and not site["is_observed"]
-    )
 
 
 @torch.no_grad()
@@ -295,27 +279,19 @@ def mixture_log_px(model, guides: list, x: torch.Tensor, k: int) -> torch.Tensor
     per_guide = max(1, k // len(guides))
     log_w = []
     for source in guides:
-        trace = poutine.trace(_particles(source, per_guide)).get_trace(x)
+        log_q_source, values = weights.log_density(source, x, {}, per_guide, draw=True)
         log_q = [
-            _site_log_density(
-                poutine.trace(poutine.replay(_particles(g, per_guide), trace=trace)).get_trace(x)
-            )
+            log_q_source if g is source else weights.log_density(g, x, values, per_guide)[0]
             for g in guides
         ]
         log_mixture = torch.logsumexp(torch.stack(log_q), 0) - math.log(len(guides))
-        model_trace = poutine.trace(
-            poutine.replay(_particles(model.model, per_guide), trace=trace)
-        ).get_trace(x)
-        model_trace.compute_log_prob()
-        log_joint = sum(
-            site["log_prob"] for site in model_trace.nodes.values() if site["type"] == "sample"
-        )
+        log_joint, _ = weights.log_density(model.model, x, values, per_guide)
         log_w.append(log_joint - log_mixture)
     return log_mean_exp(torch.cat(log_w))
 
 
 def inference_gaps(
-    model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = False
+    model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = False, fast: bool = True
 ) -> tuple[dict[str, Any], LocalGuide]:
     """Amortization and approximation gaps (Cremer et al. 2018) of the batch ``x``.
 
@@ -328,9 +304,10 @@ def inference_gaps(
     - approximation gap = log p(x) − ELBO(q*): the price of the guide's family;
     - amortization gap = ELBO(q*) − ELBO(q): the price of one encoder for all x.
     """
-    local = fit_local_guide(model, x, cfg, progress)
-    elbo_q = elbo_draws(model.model, model.guide, x, cfg.elbo_particles).mean(0)
-    elbo_local = elbo_draws(model.model, local, x, cfg.elbo_particles).mean(0)
+    local = fit_local_guide(model, x, cfg, progress, fast)
+    with torch.no_grad():
+        elbo_q = weights.log_weights(model.model, model.guide, x, cfg.elbo_particles).mean(0)
+        elbo_local = weights.log_weights(model.model, local, x, cfg.elbo_particles).mean(0)
     log_px = mixture_log_px(model, [model.guide, local], x, cfg.k)
     per_image = {
         "elbo_q": elbo_q,
@@ -356,9 +333,10 @@ def nuts_draws(model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = Fal
     """NUTS draws from p(z|x) for one image ``x`` ``(1, D)``, the trained decoder fixed.
 
     Runs ``cfg.nuts_chains`` chains one after the other (``pyro.infer.MCMC`` in one process)
-    from the amortized guide's mean plus a little jitter. Returns ``(chains, draws, z_dim)``.
+    from the guide's point summary ``encode(x)`` (its mean) plus a little jitter. Returns
+    ``(chains, draws, z_dim)``.
     """
-    z_init = guide_site(model, x)["fn"].mean.detach()
+    z_init = model.encode(x).detach()
     chains = []
     for _ in range(cfg.nuts_chains):
         init = {"z": z_init + 0.1 * torch.randn_like(z_init)}
@@ -389,9 +367,9 @@ def guide_draws_for(guide_fn, x: torch.Tensor, chains: int, n: int) -> torch.Ten
     """``chains · n`` independent draws of z from ``guide_fn(x)`` as ``(chains, n, B, z_dim)``:
     split into 'chains' like the NUTS draws they are compared with (any split of independent
     draws is a valid set of chains, and arviz's r_hat needs two or more)."""
-    with torch.no_grad(), pyro.plate("particles", chains * n, dim=-(MAX_PLATE_NESTING + 1)):
-        z = poutine.trace(guide_fn).get_trace(x).nodes["z"]["value"]
-    return z.reshape(chains, n, x.shape[0], -1)
+    with torch.no_grad():
+        _, values = weights.log_density(guide_fn, x, {}, chains * n, draw=True)
+    return values["z"].reshape(chains, n, x.shape[0], -1)
 
 
 def compare_posteriors(idata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -437,8 +415,6 @@ def diagnose_run(
     estimates), ``posterior_nuts.nc``, ``posterior_q.nc``, ``posterior_q_star.nc`` and the
     figures ``khat.png`` and ``posterior_pairs.png``.
     """
-    from ppl_vae import plots
-
     cfg = cfg or DiagnoseConfig()
     run_dir = Path(run_dir)
     torch.manual_seed(cfg.seed)
@@ -477,12 +453,20 @@ def diagnose_run(
     importance.to_netcdf(str(run_dir / IMPORTANCE_NC))
     plots.khat_figure(khat, run_dir / plots.KHAT)
 
-    # amortization and approximation gaps
+    # amortization and approximation gaps (q* Gaussian, so for Gaussian guides)
     x_gap = inputs[: cfg.gap_images]
-    gaps, local = inference_gaps(model, x_gap, cfg, progress)
-    results.update(gaps)
+    local = None
+    if isinstance(model, GaussianGuide):
+        gaps, local = inference_gaps(model, x_gap, cfg, progress, run_cfg.fast)
+        results.update(gaps)
+    else:
+        results["gap_images"] = 0
+        results["notes"] = [
+            "the gaps are left out: the local q* is a diagonal Gaussian, which is not the "
+            f"family of {type(model).__name__}'s guide"
+        ]
 
-    # NUTS on a few images, against q and q*
+    # NUTS on a few images, against q (and q*)
     if cfg.nuts_images:
         points = list(range(min(cfg.nuts_images, x_gap.shape[0])))
         nuts = torch.stack(
@@ -490,12 +474,13 @@ def diagnose_run(
         )  # (chains, draws, points, z_dim)
         chains, n = cfg.nuts_chains, cfg.nuts_samples
         sub = x_gap[points]
-        local_sub = LocalGuide(local.z_loc[points], local.z_scale[points])
         idata = {
             "nuts": to_inference_data(nuts, points),
             "amortized": to_inference_data(guide_draws_for(model.guide, sub, chains, n), points),
-            "local": to_inference_data(guide_draws_for(local_sub, sub, chains, n), points),
         }
+        if local is not None:
+            local_sub = LocalGuide(local.z_loc[points], local.z_scale[points])
+            idata["local"] = to_inference_data(guide_draws_for(local_sub, sub, chains, n), points)
         for name, item in idata.items():
             item.to_netcdf(str(run_dir / POSTERIORS_NC[name]))
         comparison, summaries = compare_posteriors(idata)

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from ppl_vae.quantizer import perplexity
+
 SAMPLES = "samples.png"
 RECONSTRUCTIONS = "reconstructions.png"
 CURVES = "curves.png"
@@ -241,7 +243,7 @@ def posterior_pairs_figure(
 def snr_versus_particles_figure(curves: dict[str, dict[str, list[float]]], title: str = ""):
     """Encoder and decoder gradient SNR against K, one line per objective, log-log axes.
 
-    :param curves: the output of :func:`ppl_vae.estimators.snr_versus_particles`.
+    :param curves: the output of :func:`ppl_vae.inference.gradients.snr_versus_particles`.
     """
     import matplotlib.pyplot as plt
 
@@ -350,8 +352,6 @@ def image_rows_figure(rows: dict[str, torch.Tensor], image_shape=(1, 28, 28), ti
 def codebook_usage_figure(counts: torch.Tensor):
     """Share of the codes assigned to each codebook entry, sorted, with the perplexity."""
     import matplotlib.pyplot as plt
-
-    from ppl_vae.quantizer import perplexity
 
     share = (counts / counts.sum()).sort(descending=True).values.cpu().numpy()
     fig, ax = plt.subplots(figsize=(6, 3), dpi=80)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from ppl_vae import data, plots, runs
 from ppl_vae.config import to_dict
-from ppl_vae.evaluate import EVAL_JSON, LABELS
+from ppl_vae.diagnostics import DIAGNOSTIC_LABELS, DIAGNOSTICS_JSON
+from ppl_vae.evaluate import EVAL_JSON
+from ppl_vae.metrics import LABELS
+from ppl_vae.models.capabilities import DEFAULT_SAMPLES_CAPTION, SampleCaption
 
 REPORT = "report.md"
 REPORT_HTML = "report.html"
-DEFAULT_SAMPLES_CAPTION = "Prior samples (mean of p(x|z), z ~ p(z))"
 COMMON_METRICS = ("epoch", "train_neg_elbo", "val_neg_elbo", "lr", "seconds", "images_per_s")
 
 
@@ -93,7 +98,7 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
         rows = []
         for key, label in LABELS.items():
             if key in ev:
-                value = f"{ev[key]:.4g}"
+                value, label = f"{ev[key]:.4g}", label.text
                 if key == "nll_is":
                     label = f"{label}, k = {ev['k']}"
                     value = f"{ev[key]:.2f} ± {ev['nll_is_stderr']:.2f}"
@@ -164,7 +169,8 @@ def build_report(run_dir: Path, device: str = "auto", dataset: data.Dataset | No
     cfg, model, _ = runs.load_model(run_dir, torch_device)
     dataset = dataset or data.load(cfg.data, torch_device)
     write_figures(Path(run_dir), model, dataset, cfg.data.binarization, cfg.train.seed)
-    return write_report(run_dir, model.samples_caption())
+    caption = model.samples_caption() if isinstance(model, SampleCaption) else None
+    return write_report(run_dir, caption or DEFAULT_SAMPLES_CAPTION)
 
 
 # ----------------------------------------------------------------------------- evaluation and
@@ -198,8 +204,6 @@ def latent_units_section(ev: dict) -> list[str]:
 
 def diagnostics_section(run_dir: Path) -> list[str]:
     """The numbers of diagnostics.json (``ppl-vae diagnose``) with their figures."""
-    from ppl_vae.diagnostics import DIAGNOSTIC_LABELS, DIAGNOSTICS_JSON
-
     path = Path(run_dir) / DIAGNOSTICS_JSON
     if not path.exists():
         return []
@@ -258,10 +262,6 @@ def latent_figures_section(run_dir: Path) -> list[str]:
 
 def _inline(text: str, run_dir: Path) -> str:
     """Inline markdown of report.md → HTML: images (embedded as base64), bold, code."""
-    import base64
-    import html
-    import re
-
     def image(match: re.Match) -> str:
         alt, src = match.group(1), match.group(2)
         path = Path(run_dir) / src
@@ -299,9 +299,6 @@ h1, h2, h3 { border-bottom: 1px solid #eee; padding-bottom: 0.2rem; }
 def markdown_to_html(markdown: str, run_dir: Path) -> str:
     """The subset of markdown that report.md uses (headings, paragraphs, pipe tables, fenced
     code, images, bold, inline code) → one self-contained HTML page, images as data URIs."""
-    import html
-    import re
-
     body: list[str] = []
     lines = markdown.split("\n")
     i = 0

@@ -47,7 +47,12 @@ def read_config(run_dir: Path) -> RunConfig:
     if not path.is_file():
         raise RunDirError(f"{path}: not found; RUN_DIR must be a folder written by `ppl-vae train`")
     try:
-        return from_dict(RunConfig, json.loads(path.read_text()))
+        saved = json.loads(path.read_text())
+        if isinstance(saved, dict) and "capture" in saved.get("train", {}):
+            # written before the one speed switch: --train.capture became --fast
+            saved = {**saved, "fast": saved["train"]["capture"]}
+            saved["train"] = {k: v for k, v in saved["train"].items() if k != "capture"}
+        return from_dict(RunConfig, saved)
     except (json.JSONDecodeError, TypeError) as err:
         raise RunDirError(f"{path}: not a valid run config ({err})") from None
 

@@ -1,11 +1,12 @@
-"""``fit()``: the one SVI training loop.
+"""``fit()``: training a model with SVI, epoch by epoch, into its run folder.
 
 The loss is Pyro's module form of the ELBO (``elbo(model.model, model.guide)``), optimized by
-``torch.optim.Adam`` over the model's parameters, as in Pyro's ``examples/svi_torch.py``. Batches
-are slices of a device-resident uint8 tensor; the loss is read back to the host once per epoch,
-not per step. After every epoch the validation -ELBO is measured (under ``torch.no_grad``: no
-parameter or optimizer state changes), a row goes to ``metrics.csv`` and the checkpoint is
-replaced atomically, so ``--resume RUN_DIR`` continues from the last finished epoch.
+``torch.optim.Adam`` over the model's parameters, as in Pyro's ``examples/svi_torch.py``, through
+the one SVI loop of :mod:`ppl_vae.inference.svi`. Batches are slices of a device-resident uint8
+tensor; the loss is read back to the host once per epoch, not per step. After every epoch the
+validation -ELBO is measured (under ``torch.no_grad``: no parameter or optimizer state changes),
+a row goes to ``metrics.csv`` and the checkpoint is replaced atomically, so ``--resume RUN_DIR``
+continues from the last finished epoch.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from tqdm.auto import tqdm
 
 from ppl_vae import data, runs
 from ppl_vae.config import RunConfig, TrainConfig, to_dict
-from ppl_vae.evaluate import neg_elbo
-from ppl_vae.fast import TrainStep, capture
+from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, make_elbo
+from ppl_vae.inference.recording import record
+from ppl_vae.inference.svi import SVIStep, run_svi
+from ppl_vae.metrics import neg_elbo
 from ppl_vae.models import build
-from ppl_vae.objectives import loss_module
+from ppl_vae.models.capabilities import AuxiliaryFit, AuxiliaryFits, TrainingHooks
 
 BURDA_STAGES = 8
 
@@ -83,7 +86,7 @@ def fit(
     dataset = dataset or data.load(cfg.data, device)  # fails before any file is written
 
     model = build(cfg.model).to(device)
-    loss_fn = loss_module(model, cfg.objective)
+    loss_fn = loss_module(model, cfg.objective, cfg.fast)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     batch_order = torch.Generator().manual_seed(cfg.train.seed)
     start_epoch, step = 0, 0
@@ -98,39 +101,41 @@ def fit(
         start_epoch, step = checkpoint["epoch"], checkpoint["step"]
         set_rng_state(checkpoint["rng"], batch_order)
         runs.truncate_metrics(run_dir, start_epoch)
-    if cfg.train.capture:
-        loss_fn = capture(loss_fn, model)
-    train_step = TrainStep(loss_fn, optimizer)  # validates its first step (see ppl_vae.fast)
+    if cfg.fast:
+        loss_fn = record(loss_fn, model)  # replayed where that is exact (inference.recording)
+    train_step = SVIStep(loss_fn, optimizer, cfg.fast)  # validates its first step
+    hooks = model if isinstance(model, TrainingHooks) else None
+
+    def before_step() -> None:
+        nonlocal step
+        if hooks is not None:
+            hooks.on_train_step(step)  # step-dependent schedules (KL warm-up), code revival
+        step += 1
 
     source, mode = data.train_source(cfg.data, dataset.train)
     val_inputs = data.eval_inputs(dataset.val, cfg.data.binarization)
     n_train = source.shape[0]
     steps_per_epoch = data.num_batches(n_train, cfg.train.batch_size)
-    show = None if cfg.train.progress else True  # None: tqdm hides itself off a terminal
     for epoch in range(start_epoch, cfg.train.epochs):
         lr = learning_rate(cfg.train, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
         started = time.perf_counter()
-        total = torch.zeros((), device=device)
-        bar = tqdm(
-            data.batches(source, cfg.train.batch_size, batch_order),
+        batches = data.batches(source, cfg.train.batch_size, batch_order)
+        total = run_svi(
+            train_step,
+            (data.to_input(images, mode) for images in batches),
+            before_step=before_step,
             total=steps_per_epoch,
             desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            disable=show,
-            leave=False,
+            progress=cfg.train.progress,
         )
-        for images in bar:
-            x = data.to_input(images, mode)
-            model.on_train_step(step)  # step-dependent schedules (KL warm-up), code revival
-            total += train_step(x)  # loss, backward, optimizer step, zero grads
-            step += 1
         train_loss = total.item() / n_train  # the one host sync of the epoch
-        TrainStep.check_finite(train_loss, f"epoch {epoch + 1}")
+        SVIStep.check_finite(train_loss, f"epoch {epoch + 1}")
         seconds = time.perf_counter() - started
         model.eval()
-        val_loss = neg_elbo(model, val_inputs, cfg.objective, cfg.eval.batch_size)
+        val_loss = neg_elbo(model, val_inputs, cfg.objective, cfg.eval.batch_size, cfg.fast)
         row = {
             "epoch": epoch + 1,
             "train_neg_elbo": round(train_loss, 4),
@@ -138,7 +143,8 @@ def fit(
             "lr": lr,
             "seconds": round(seconds, 3),
             "images_per_s": round(n_train / seconds, 1),
-            **model.epoch_metrics(),  # model-specific columns (codebook usage, KL weight)
+            # model-specific columns (codebook usage, KL weight)
+            **(hooks.epoch_metrics() if hooks is not None else {}),
         }
         runs.append_metrics(run_dir, row)
         runs.save_checkpoint(
@@ -160,13 +166,44 @@ def fit(
     # Parts fitted on the trained model (a VQ-VAE's code prior) live in its state_dict: the
     # checkpoint is rewritten with them.
     model.eval()
-    auxiliary = model.fit_auxiliary(
-        data.eval_inputs(dataset.train, cfg.data.binarization), val_inputs, cfg.train.progress
-    )
-    if auxiliary:
-        checkpoint = runs.load_checkpoint(run_dir, device)
-        checkpoint["model"] = model.state_dict()
-        runs.save_checkpoint(run_dir, checkpoint)
-        if cfg.train.progress:
-            tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in auxiliary.items()))
+    fits = model.auxiliary_fits() if isinstance(model, AuxiliaryFits) else []
+    if fits:
+        train_inputs = data.eval_inputs(dataset.train, cfg.data.binarization)
+        auxiliary: dict[str, float] = {}
+        for aux in fits:
+            auxiliary.update(
+                fit_auxiliary(aux, train_inputs, val_inputs, cfg.fast, cfg.train.progress)
+            )
+        if auxiliary:
+            checkpoint = runs.load_checkpoint(run_dir, device)
+            checkpoint["model"] = model.state_dict()
+            runs.save_checkpoint(run_dir, checkpoint)
+            if cfg.train.progress:
+                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in auxiliary.items()))
     return run_dir
+
+
+def fit_auxiliary(
+    aux: AuxiliaryFit,
+    train_inputs: torch.Tensor,
+    val_inputs: torch.Tensor,
+    fast: bool = True,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Fit an auxiliary model/guide pair by SVI (Adam, Trace_ELBO, the one SVI loop) on data
+    made from the training images, in a fixed batch order (seed 0); returns its validation
+    numbers."""
+    with torch.no_grad():
+        train_data, val_data = aux.data(train_inputs), aux.data(val_inputs)
+    elbo = make_elbo(ObjectiveConfig("trace"), fast, aux.module.parameters())
+    optimizer = torch.optim.Adam(aux.module.parameters(), lr=aux.lr)
+    step = SVIStep(elbo(aux.model, aux.guide), optimizer, fast)
+    order = torch.Generator().manual_seed(0)
+    aux.module.train()
+    with torch.enable_grad():
+        for epoch in tqdm(range(aux.epochs), desc=aux.name, disable=None if progress else True):
+            run_svi(step, data.batches(train_data, aux.batch_size, order),
+                    desc=f"{aux.name} epoch {epoch + 1}")  # fmt: skip
+    aux.module.eval()
+    aux.done()
+    return aux.evaluate(val_data)

@@ -14,9 +14,9 @@ import torch
 
 from ppl_vae import data
 from ppl_vae.config import ObjectiveConfig
-from ppl_vae.evaluate import aggregate_posterior_gap
+from ppl_vae.inference.objectives import loss_module
+from ppl_vae.metrics import aggregate_posterior_gap
 from ppl_vae.models import AEConfig, VAEConfig, build
-from ppl_vae.objectives import loss_module
 
 NET = {"z_dim": 16, "hidden": (256,)}
 STEPS, BATCH, N_TRAIN = 300, 100, 3000

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import run_cli
+
+from ppl_vae.cli import parse_train
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +70,12 @@ def test_evaluate_sample_and_report_rebuild_from_the_run_folder(cli_run, tmp_pat
         (["evaluate", "/no/run"], "/no/run/config.json: not found"),
         (["sample", "/no/run", "-n", "0"], "argument -n: must be a positive integer"),
         (["frobnicate"], "unknown command 'frobnicate'"),
+        (["train", "--dataset", "mnist"], "did you mean --data.dataset?"),
+        (["train", "--epochs", "3", "--data-dir", "d"], "mean --train.epochs, --data.data-dir?"),
+        (["train", "ae", "--no-prior"], "did you mean --no-model.prior?"),
+        (["train", "mnist"], "unknown model 'mnist'; choose one of vae, ae, vqvae"),
+        (["train", "--model.z-dim", "4", "vqvae"], "unrecognized arguments: vqvae"),
+        (["train", "vae", "--resume", "r"], "saved config; drop --runs-dir, the model vae"),
     ],
 )
 def test_user_errors_print_one_line_and_exit_2(args, message, tmp_path):
@@ -86,7 +95,7 @@ def test_empty_data_dir_names_the_directory(tmp_path):
     assert not runs_dir.exists()
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "sample", "report"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "diagnose", "sample", "report"])
 def test_help_explains_every_option(command):
     result = run_cli(command, "--help")
     assert result.returncode == 0
@@ -96,6 +105,21 @@ def test_help_explains_every_option(command):
         for flag in [*flags, "--preset", "--resume", "pyro-example", "burda-1l"]:
             assert flag in result.stdout
         assert "Dimension of the latent z. (default: 32)" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("argv", "kind", "field", "value"),
+    [
+        (["--name", "ae"], "vae", "name", "ae"),  # a flag's value is never the model
+        (["--runs-dir", "vqvae"], "vae", "runs_dir", Path("vqvae")),
+        (["vqvae", "--model.ema"], "vqvae", "fast", True),
+        (["ae", "--no-fast", "--name", "vae"], "ae", "fast", False),
+        (["--preset", "pyro-example", "--name", "linear"], "vae", "name", "linear"),
+    ],
+)
+def test_the_model_is_the_first_argument_only(argv, kind, field, value):
+    cfg, resume, _ = parse_train(argv)
+    assert resume is None and cfg.model.kind == kind and getattr(cfg, field) == value
 
 
 def test_preset_sets_defaults_that_flags_override():

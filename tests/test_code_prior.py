@@ -7,7 +7,9 @@ import math
 import torch
 from pyro import poutine
 
+from ppl_vae.models.capabilities import AuxiliaryFit
 from ppl_vae.models.code_prior import CodePrior, CodePriorConfig
+from ppl_vae.train import fit_auxiliary
 
 K, GRID = 8, (5, 5)
 
@@ -44,7 +46,14 @@ def test_fit_learns_structure_below_the_uniform_rate(seed):
     codes = first.expand(400, *GRID).clone()
     config = CodePriorConfig(channels=16, layers=2, epochs=10, batch_size=50, lr=1e-2)
     prior = CodePrior(K, GRID, config)
-    results = prior.fit(codes[:300], codes[300:])
+    fitted = []
+    aux = AuxiliaryFit(
+        "code prior", prior, prior.model, prior.guide, data=lambda c: c, epochs=config.epochs,
+        batch_size=config.batch_size, lr=config.lr, evaluate=prior.validation_metrics,
+        done=lambda: fitted.append(True),
+    )  # fmt: skip
+    results = fit_auxiliary(aux, codes[:300], codes[300:])
+    assert fitted == [True] and not prior.training
     assert results["code_prior_val_bits_per_position"] < 0.25 * math.log2(K)
     # the best possible: log K for the first code, nothing for the copies
     assert results["code_prior_val_nll"] < math.log(K) + 0.3

@@ -12,14 +12,15 @@ import numpy
 import pytest
 import torch
 from PIL import Image
+from pyro.distributions import Normal
 from stats import assert_mc_close
 from test_linear import perturb_guide
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from ppl_vae import diagnostics, plots
-from ppl_vae.evaluate import active_units, kl_per_dimension, log_likelihood
+from ppl_vae.inference.weights import log_weights
+from ppl_vae.metrics import active_units, kl_per_dimension, log_likelihood
 from ppl_vae.models.linear import LinearGaussian, LinearGaussianConfig
-from ppl_vae.objectives import log_weights
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -87,7 +88,7 @@ GAPS = diagnostics.DiagnoseConfig(local_steps=300, local_particles=16, elbo_part
 def closed_form_kl(model: LinearGaussian, local, x: torch.Tensor) -> torch.Tensor:
     """KL(q*(z|x) ‖ p(z|x)) per observation, exactly."""
     q_star = MultivariateNormal(local.z_loc, scale_tril=torch.diag_embed(local.z_scale))
-    return kl_divergence(q_star, model.posterior(x)).detach()
+    return kl_divergence(q_star, model.exact_posterior(x)).detach()
 
 
 def test_local_guide_reaches_the_exact_posterior(linear_gaussian, seed):
@@ -109,14 +110,15 @@ def test_local_guide_reaches_the_exact_posterior(linear_gaussian, seed):
 @pytest.mark.stat(comparisons=4)
 def test_reported_elbo_of_q_star_is_its_closed_form(linear_gaussian, seed):
     """Estimand: ELBO(q*) = log p(x) − KL(q* ‖ p(z|x)) (closed form) of a fitted local guide,
-    from n = 1000 draws of log p(x, z) − log q*(z|x) per observation (:func:`elbo_draws`, as
-    :func:`inference_gaps` reports it), 4 comparisons, k = k_two_sided(1000)."""
+    from n = 1000 draws of log p(x, z) − log q*(z|x) per observation (the log weights of q*,
+    as :func:`inference_gaps` reports it), 4 comparisons, k = k_two_sided(1000)."""
     model, x = linear_gaussian
     diagonal_posterior(model)
     perturb_guide(model, 0.5, 2.0)
     local = diagnostics.fit_local_guide(model, x, GAPS)
     expected = model.log_marginal(x).detach() - closed_form_kl(model, local, x)
-    draws = diagnostics.elbo_draws(model.model, local, x, 1000)
+    with torch.no_grad():
+        draws = log_weights(model.model, local, x, 1000)
     assert_mc_close(draws.detach(), expected, what="E_q*[log w] = ELBO(q*)")
 
 
@@ -172,18 +174,35 @@ def test_active_units_of_a_constructed_encoder():
     )
 
 
+class _Factorized:
+    """posterior(x) = N([x, 0], 1), prior(x) = N(prior_loc, prior_scale²), per dimension."""
+
+    def __init__(self, prior_loc: float = 0.0, prior_scale: float = 1.0):
+        self.prior_loc, self.prior_scale = prior_loc, prior_scale
+
+    def posterior(self, batch):
+        z_loc = torch.cat([batch, torch.zeros_like(batch)], 1)
+        return Normal(z_loc, torch.ones_like(z_loc)).to_event(1)
+
+    def prior(self, batch):
+        loc = torch.full((batch.shape[0], 2), self.prior_loc)
+        return Normal(loc, torch.full_like(loc, self.prior_scale)).to_event(1)
+
+
 def test_kl_per_dimension_is_the_analytic_kl():
     """KL(N(m, s²) ‖ N(0, 1)) = (s² + m² − 1)/2 − log s per coordinate, averaged over inputs:
-    dimension 0 has m = x, s = 1 (mean KL E[x²]/2), dimension 1 is the prior (KL 0)."""
+    dimension 0 has m = x, s = 1 (mean KL E[x²]/2), dimension 1 is the prior (KL 0). Against
+    N(1, 2²) each coordinate's KL is log 2 + (1 + (m − 1)²)/8 − 1/2."""
     x = torch.tensor([[1.0], [-2.0], [3.0]])
-
-    def z_loc_scale(batch):
-        z_loc = torch.cat([batch, torch.zeros_like(batch)], 1)
-        return z_loc, torch.ones_like(z_loc)
-
-    result = kl_per_dimension(z_loc_scale, x, batch_size=2)
+    result = kl_per_dimension(_Factorized(), x, batch_size=2)
     assert result["kl_per_dim"] == pytest.approx([(1 + 4 + 9) / 6, 0.0])
     assert result["kl_sum"] == pytest.approx(14 / 6)
+    shifted = kl_per_dimension(_Factorized(1.0, 2.0), x, batch_size=2)["kl_per_dim"]
+    expected = [
+        sum(math.log(2) + (1 + (m - 1) ** 2) / 8 - 0.5 for m in (1.0, -2.0, 3.0)) / 3,
+        math.log(2) + (1 + 1) / 8 - 0.5,
+    ]
+    assert shifted == pytest.approx(expected)
 
 
 # ----------------------------------------------------------------------------- figures

@@ -14,8 +14,8 @@ from stats import assert_mc_close, assert_mc_less_equal
 from test_linear import NEAR, PERTURBED, perturb_guide
 
 from ppl_vae.config import ObjectiveConfig
-from ppl_vae.estimators import GradientStatistics, gradient_statistics, parameter_groups
-from ppl_vae.objectives import loss_module
+from ppl_vae.inference.gradients import GradientStatistics, gradient_statistics, parameter_groups
+from ppl_vae.inference.objectives import loss_module
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -27,13 +27,13 @@ def draws_of(model, x, name: str, num_particles: int, seed: int) -> torch.Tensor
     """``(DRAWS, 48)`` gradient draws of the batch loss, decoder then encoder, from ``seed``."""
     torch.manual_seed(seed)
     loss_fn = loss_module(model, ObjectiveConfig(name, num_particles))
-    stats = gradient_statistics(loss_fn, (x,), parameter_groups(model), DRAWS)
+    stats = gradient_statistics(loss_fn, (x,), parameter_groups(model, x), DRAWS)
     return torch.cat([stats["decoder"].draws, stats["encoder"].draws], dim=1)
 
 
 def exact_gradient(model, x) -> torch.Tensor:
     """∇ of -ELBO (closed form), decoder then encoder, flattened like :func:`draws_of`."""
-    groups = parameter_groups(model)
+    groups = parameter_groups(model, x)
     params = groups["decoder"] + groups["encoder"]
     grads = torch.autograd.grad(-model.elbo(x).sum(), params)
     return torch.cat([g.reshape(-1) for g in grads])
@@ -50,7 +50,7 @@ def test_summaries_by_hand():
 
 def test_groups_split_the_parameters(linear_gaussian):
     model, x = linear_gaussian
-    groups = parameter_groups(model)
+    groups = parameter_groups(model, x)
     assert sum(p.numel() for p in groups["encoder"]) == 27
     assert sum(p.numel() for p in groups["decoder"]) == 21
     stats = gradient_statistics(
@@ -92,7 +92,7 @@ def test_stl_and_dreg_reduce_encoder_variance_near_the_optimum(linear_gaussian, 
     shifted by 0.1 with scale 1.1."""
     model, x = linear_gaussian
     perturb_guide(model, *NEAR)
-    encoder = {"encoder": parameter_groups(model)["encoder"]}
+    encoder = {"encoder": parameter_groups(model, x)["encoder"]}
 
     def two_draw_variances(name: str, num_particles: int) -> torch.Tensor:
         torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from stats import assert_mc_close
 
-from ppl_vae.objectives import kl_standard_normal
+from ppl_vae.inference.kl import kl_standard_normal
 
 LOCS = (0.0, 3.0)
 SCALES = (1e-3, 0.5, 2.0, 1e2)

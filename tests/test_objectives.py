@@ -18,13 +18,10 @@ from test_linear import PERTURBED, perturb_guide
 from ppl_vae.cli import main
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.errors import ConfigError
-from ppl_vae.estimators import (
-    ImportanceWeightedELBO,
-    log_mean_exp_pooled,
-    particle_log_weights,
-    particle_traces,
-)
-from ppl_vae.objectives import log_mean_exp, loss_module, make_elbo
+from ppl_vae.inference.estimators import ImportanceWeightedELBO
+from ppl_vae.inference.gradients import log_mean_exp_pooled
+from ppl_vae.inference.objectives import loss_module, make_elbo
+from ppl_vae.inference.weights import log_mean_exp, log_weights
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -89,8 +86,7 @@ def test_iwae_log_mean_exps_per_datapoint_not_over_the_batch(linear_gaussian):
     model, x = linear_gaussian
     perturb_guide(model, *PERTURBED)
     torch.manual_seed(11)
-    model_trace, guide_trace = particle_traces(model.model, model.guide, 50, (x,), {}, "iwae")
-    log_w = particle_log_weights(model_trace, guide_trace, x.shape[0]).detach()
+    log_w = log_weights(model.model, model.guide, x, 50).detach()
     assert log_w.shape == (50, 4)
     per_datapoint = log_mean_exp(log_w).sum()
     pooled = log_mean_exp_pooled(log_w)

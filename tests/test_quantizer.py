@@ -11,8 +11,8 @@ from pyro import poutine
 from stats import assert_close_known_se
 
 from ppl_vae.config import ObjectiveConfig
+from ppl_vae.inference.objectives import loss_module
 from ppl_vae.models import build, default_config
-from ppl_vae.objectives import loss_module
 from ppl_vae.quantizer import (
     Quantizer,
     codebook_loss,

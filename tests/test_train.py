@@ -10,7 +10,8 @@ import torch
 from ppl_vae import data, runs
 from ppl_vae.config import DataConfig, EvalConfig, ObjectiveConfig, RunConfig, TrainConfig
 from ppl_vae.errors import ConfigError, RunDirError
-from ppl_vae.evaluate import evaluate_run, log_likelihood, neg_elbo
+from ppl_vae.evaluate import evaluate_run
+from ppl_vae.metrics import log_likelihood, neg_elbo
 from ppl_vae.models import VAEConfig, build
 from ppl_vae.train import fit, learning_rate
 

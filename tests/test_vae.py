@@ -11,8 +11,8 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.poutine.util import site_is_subsample
 
 from ppl_vae.config import ObjectiveConfig
+from ppl_vae.inference.objectives import loss_module
 from ppl_vae.models import VAE, VAEConfig
-from ppl_vae.objectives import loss_module
 
 
 @pytest.fixture

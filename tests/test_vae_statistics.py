@@ -12,9 +12,11 @@ from torch.distributions import kl_divergence
 
 from ppl_vae import data
 from ppl_vae.config import ObjectiveConfig
-from ppl_vae.evaluate import log_likelihood
+from ppl_vae.inference.kl import kl_standard_normal
+from ppl_vae.inference.objectives import loss_module
+from ppl_vae.inference.weights import log_mean_exp, log_weights
+from ppl_vae.metrics import log_likelihood
 from ppl_vae.models import VAE, VAEConfig
-from ppl_vae.objectives import kl_standard_normal, log_mean_exp, log_weights, loss_module
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

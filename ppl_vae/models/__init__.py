@@ -1,7 +1,10 @@
 """The model registry: one entry per model file. The CLI and the parametrized tests read it.
 
 Adding a variant: write ``models/<name>.py`` with its config (a frozen dataclass deriving from
-:class:`ModelConfig` with a ``kind``) and its module, then add one line to :data:`REGISTRY`.
+:class:`ModelConfig` with a ``kind``) and its module (a :class:`LatentVariableModel` with the
+capabilities of :mod:`ppl_vae.models.capabilities` it has), then add one line to
+:data:`REGISTRY`. Nothing else changes: evaluation reads what it needs off the programs and the
+capabilities.
 """
 
 from __future__ import annotations

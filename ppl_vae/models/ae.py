@@ -5,7 +5,7 @@ mass has log density 0 at its atom, with respect to counting measure): with the 
 SVI is MAP estimation of z per image, jointly with the decoder (a MAP-regularized autoencoder);
 with the prior switched off (an improper flat prior, log density 0) it is the plain
 reconstruction autoencoder. Neither is a bound on log p(x), and nothing makes the codes of the
-data fill N(0, I): :func:`ppl_vae.evaluate.aggregate_posterior_gap` measures how far they are.
+data fill N(0, I): :func:`ppl_vae.metrics.aggregate_posterior_gap` measures how far they are.
 The plain AE's codes spread far wider than N(0, I), so decoded N(0, I) draws are near-blank
 images; the MAP AE's codes shrink towards 0 (the prior is a penalty, not a target), so N(0, I)
 draws mostly lie outside the region its decoder was trained on.
@@ -22,6 +22,7 @@ import torch
 from torch.distributions import constraints
 
 from ppl_vae.errors import check
+from ppl_vae.models.capabilities import DEFAULT_SAMPLES_CAPTION
 from ppl_vae.models.common import ImageModel, NetworkConfig
 
 
@@ -42,8 +43,13 @@ class AEConfig(NetworkConfig):
 class AE(ImageModel):
     """p(z) = N(0, I) or flat; p(x|z) = likelihood(decoder(z)); q(z|x) = Delta(encoder(x)).
 
+    Capabilities: :class:`~ppl_vae.models.capabilities.ExplicitPrior` (``prior``) and
+    :class:`~ppl_vae.models.capabilities.SampleCaption`.
+
     :param AEConfig config: networks, likelihood and whether the N(0, I) prior is on.
     """
+
+    recordable = True
 
     def __init__(self, config: AEConfig):
         super().__init__()
@@ -55,10 +61,11 @@ class AE(ImageModel):
     def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """p(z): N(0, I), or with ``prior=False`` a flat improper density (log density 0, never
         sampled from: SVI replays the guide's z)."""
-        z_dim = self.config.z_dim
+        batch, z_dim = x.shape[0], self.config.z_dim
         if self.config.prior:
-            return dist.Normal(x.new_zeros(()), x.new_ones(())).expand([z_dim]).to_event(1)
-        return dist.ImproperUniform(constraints.real, (), (z_dim,))
+            standard = dist.Normal(x.new_zeros(()), x.new_ones(()))
+            return standard.expand([batch, z_dim]).to_event(1)
+        return dist.ImproperUniform(constraints.real, (batch,), (z_dim,))
 
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
@@ -82,16 +89,5 @@ class AE(ImageModel):
 
     def samples_caption(self) -> str:
         if self.config.prior:
-            return super().samples_caption()
+            return DEFAULT_SAMPLES_CAPTION
         return "Decoded z ~ N(0, I) (mean of p(x|z)): the plain AE has no prior; for comparison"
-
-    def evaluation_metrics(self, inputs, eval_cfg, progress=False):
-        from ppl_vae.evaluate import aggregate_posterior_gap, point_guide_metrics
-
-        results = point_guide_metrics(self, inputs, eval_cfg.batch_size)
-        results["notes"] = [
-            "q(z|x) is a point mass, so importance-sampled log p(x) and the -ELBO are not "
-            "defined: the reconstruction error and the MAP objective "
-            "-log p(x, z = encoder(x)) are reported instead"
-        ]
-        return {**results, **aggregate_posterior_gap(self, inputs, eval_cfg.batch_size)}

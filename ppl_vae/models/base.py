@@ -1,9 +1,12 @@
-"""The protocol every model shares: ``model(x)``, ``guide(x)`` and the helpers built on them.
+"""The protocol every model shares: ``model(x)``, ``guide(x)``, ``encode``, ``decode`` and
+``prior_sample``. What only some models have is a capability (:mod:`.capabilities`).
 
 A model is a :class:`~pyro.nn.PyroModule` whose ``model`` and ``guide`` take the same flat batch
 ``x`` of shape ``(B, D)`` and use the same names: the plate ``"data"``, the latent site ``"z"``
 and the observed site ``"x"``. Both may be run under an extra, outer particle plate (vectorized
 ELBOs and importance sampling do this), so neither assumes ``z`` has exactly two dimensions.
+Evaluation reads what it needs off these programs (the guide's and the prior's distributions at
+``"z"``, the likelihood at ``"x"``), so a new model is its own file and one registry line.
 """
 
 from __future__ import annotations
@@ -27,18 +30,19 @@ class ModelConfig:
 
 
 class LatentVariableModel(PyroModule):
-    """Shared interface: generative ``model``, amortized ``guide``, and deterministic helpers.
+    """Generative ``model``, amortized ``guide``, and three deterministic maps.
 
     Subclasses set ``self.config`` and implement :meth:`model`, :meth:`guide`, :meth:`encode`
-    (the guide's point estimate of ``z``), :meth:`decode` (the likelihood's mean image) and
-    :meth:`prior_sample`.
+    (a point summary of q(z|x)), :meth:`decode` (the likelihood's mean image) and
+    :meth:`prior_sample`. :meth:`reconstruct` and :meth:`sample` are built from those.
     """
 
     config: ModelConfig
-    capturable: ClassVar[bool] = True
-    """Whether fit may record the training loss as a graph (ppl_vae.fast.CapturedELBO): true
-    when the programs' Python decisions depend only on the input shape and on plain Python
-    attributes of the modules, never on values inside tensors."""
+    recordable: ClassVar[bool] = False
+    """Opt-in, per class, to the recorded training loss and importance weights
+    (:mod:`ppl_vae.inference.recording`): a class sets it to declare that its programs' Python
+    decisions depend only on input shapes and on its modules' attributes. It is read off the
+    model's own class, so a subclass is not recorded unless it sets it again."""
 
     def model(self, x: torch.Tensor) -> None:
         raise NotImplementedError
@@ -56,48 +60,6 @@ class LatentVariableModel(PyroModule):
 
     def prior_sample(self, n: int) -> torch.Tensor:
         """``n`` draws of z from p(z) on the model's device."""
-        raise NotImplementedError
-
-    # ------------------------------------------------------------------ hooks of the training loop
-    # Model-specific behaviour lives behind these methods, so that train.py, evaluate.py and the
-    # CLI never branch on the model's kind.
-
-    def on_train_step(self, step: int) -> None:
-        """Called by :func:`ppl_vae.train.fit` before SVI step ``step`` (0-based, global).
-
-        Schedules that depend on the step (KL warm-up) and periodic maintenance (dead-code
-        revival) go here. Users driving :class:`pyro.infer.SVI` themselves call it likewise.
-        """
-
-    def epoch_metrics(self) -> dict[str, float]:
-        """Extra columns for this epoch's row of ``metrics.csv`` (and reset of their counters)."""
-        return {}
-
-    def fit_auxiliary(
-        self, train_inputs: torch.Tensor, val_inputs: torch.Tensor, progress: bool = False
-    ) -> dict[str, float]:
-        """Fit parts trained after the SVI loop on the frozen model (a VQ-VAE's code prior).
-
-        Their state must live in this module's ``state_dict`` so the checkpoint holds it.
-        Returns numbers for the log; the default has nothing to fit.
-        """
-        return {}
-
-    def evaluation_metrics(
-        self, inputs: torch.Tensor, eval_cfg, progress: bool = False
-    ) -> dict[str, object]:
-        """Test-set numbers for ``eval.json``: by default those of a model whose guide has a
-        density (-ELBO and importance-sampled log p(x)); point-mass guides override this."""
-        from ppl_vae.evaluate import density_guide_metrics
-
-        return density_guide_metrics(self, inputs, eval_cfg, progress)
-
-    def samples_caption(self) -> str:
-        """What the sample grid of ``report.md`` shows."""
-        return "Prior samples (mean of p(x|z), z ~ p(z))"
-
-    def reconstruction_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """log p(x | z = encode(x)) per image, ``(B,)``."""
         raise NotImplementedError
 
     @property

@@ -5,7 +5,8 @@ masked convolutions make the logits at position i depend on positions before i o
 layer (mask "A") hides the centre, later layers (mask "B") may see it, since their centre
 already carries only earlier positions. As a Pyro program the code map is one observed
 ``Categorical(...).to_event(2)`` site ``"code"`` in a ``"data"`` plate and the guide is empty
-(no latent variables), so SVI on the pair is maximum likelihood.
+(no latent variables), so SVI on the pair is maximum likelihood. The VQ-VAE hands the pair to
+the training loop as an auxiliary fit (:class:`~ppl_vae.models.capabilities.AuxiliaryFit`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,7 @@ from dataclasses import dataclass
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import Trace_ELBO
 from torch import nn
-from tqdm.auto import tqdm
 
 from ppl_vae.errors import check
 
@@ -119,27 +118,9 @@ class CodePrior(nn.Module):
                 codes[:, i, j] = dist.Categorical(logits=logits).sample()
         return codes
 
-    def fit(
-        self, train_codes: torch.Tensor, val_codes: torch.Tensor, progress: bool = False
-    ) -> dict[str, float]:
-        """Maximum likelihood by SVI (Adam) on training code maps; returns the validation
-        -log p(c) in nats per map and in bits per code position."""
-        cfg = self.config
-        loss_fn = Trace_ELBO()(self.model, self.guide)
-        optimizer = torch.optim.Adam(self.parameters(), lr=cfg.lr)
-        order = torch.Generator().manual_seed(0)
-        n = train_codes.shape[0]
-        self.train()
-        for _ in tqdm(range(cfg.epochs), desc="code prior", disable=None if progress else True):
-            perm = torch.randperm(n, generator=order).to(train_codes.device)
-            for start in range(0, n, cfg.batch_size):
-                batch = train_codes[perm[start : start + cfg.batch_size]]
-                loss = loss_fn(batch)
-                (loss / batch.shape[0]).backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        self.eval()
-        nll = self.nll(val_codes)
+    def validation_metrics(self, codes: torch.Tensor) -> dict[str, float]:
+        """The validation -log p(c) in nats per map and in bits per code position."""
+        nll = self.nll(codes)
         return {
             "code_prior_val_nll": nll,
             "code_prior_val_bits_per_position": nll / (math.prod(self.grid) * math.log(2)),

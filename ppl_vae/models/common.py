@@ -141,7 +141,3 @@ class ImageModel(LatentVariableModel):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.likelihood.mean(self.decoder(z))
-
-    @torch.no_grad()
-    def reconstruction_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return self.likelihood(self.decoder(self.encode(x))).log_prob(x)

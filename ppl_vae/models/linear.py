@@ -3,7 +3,7 @@
 Everything about this model is available in closed form: the marginal likelihood
 ``p(x) = N(b, W Wᵀ + σ² I)``, the posterior ``p(z|x)``, and the ELBO of any Gaussian guide. That
 makes it the reference against which the Monte Carlo estimators of the library (Pyro's ELBOs,
-the importance-sampled ``log p(x)`` of :mod:`ppl_vae.evaluate`) are tested, and a sanity model
+the importance-sampled ``log p(x)`` of :mod:`ppl_vae.metrics`) are tested, and a sanity model
 for the notebooks.
 
 The guide is amortized and linear: ``q(z|x) = N(A x + c, L Lᵀ)`` with one lower-triangular
@@ -95,12 +95,16 @@ class LinearGaussian(LatentVariableModel):
     Probabilistic PCA as a Pyro model/guide pair with the same plate and sites as the VAE
     (``"data"``, ``"z"``, ``"x"``); both run under an outer particle plate. Besides the
     stochastic pair it gives the exact quantities the estimators are tested against:
-    :meth:`log_marginal` (exact ``log p(x)``), :meth:`posterior` (exact ``p(z|x)``),
+    :meth:`log_marginal` (exact ``log p(x)``), :meth:`exact_posterior` (exact ``p(z|x)``),
     :meth:`elbo` (the closed-form ELBO of the current guide, differentiable in every parameter)
-    and :meth:`set_guide_to_posterior`.
+    and :meth:`set_guide_to_posterior`. Capabilities:
+    :class:`~ppl_vae.models.capabilities.GaussianGuide` (:meth:`posterior`, the guide's q(z|x))
+    and :class:`~ppl_vae.models.capabilities.ExplicitPrior`.
 
     :param LinearGaussianConfig config: dimensions and the initial noise scale.
     """
+
+    recordable = True
 
     def __init__(self, config: LinearGaussianConfig):
         super().__init__()
@@ -110,22 +114,28 @@ class LinearGaussian(LatentVariableModel):
 
     # ------------------------------------------------------------------ the model/guide pair
 
+    def prior(self, x: torch.Tensor) -> dist.MultivariateNormal:
+        """p(z) = N(0, I) as a MultivariateNormal, batch-shaped like ``x``'s leading dimension."""
+        z_dim = self.config.z_dim
+        eye = torch.eye(z_dim, dtype=x.dtype, device=x.device)
+        return dist.MultivariateNormal(x.new_zeros(z_dim), scale_tril=eye).expand([x.shape[0]])
+
+    def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
+        """The guide's q(z|x) = N(A x + c, L Lᵀ) (the exact one is :meth:`exact_posterior`)."""
+        z_loc, z_scale_tril = self.encoder(x)
+        return dist.MultivariateNormal(z_loc, scale_tril=z_scale_tril)
+
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
-            z_dim = self.config.z_dim
-            prior = dist.MultivariateNormal(
-                x.new_zeros(z_dim), scale_tril=torch.eye(z_dim, dtype=x.dtype, device=x.device)
-            )
-            z = pyro.sample("z", prior)
+            z = pyro.sample("z", self.prior(x))
             x_loc = self.decoder(z)
             pyro.sample("x", dist.Normal(x_loc, self.decoder.x_scale).to_event(1), obs=x)
 
     def guide(self, x: torch.Tensor) -> None:
         pyro.module("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
-            z_loc, z_scale_tril = self.encoder(x)
-            pyro.sample("z", dist.MultivariateNormal(z_loc, scale_tril=z_scale_tril))
+            pyro.sample("z", self.posterior(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder.linear(x)
@@ -165,7 +175,7 @@ class LinearGaussian(LatentVariableModel):
         z_cov = x_var * torch.cholesky_inverse(precision_factor)
         return z_from_x, -z_from_x @ bias, torch.linalg.cholesky(z_cov)
 
-    def posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
+    def exact_posterior(self, x: torch.Tensor) -> dist.MultivariateNormal:
         """The exact posterior p(z|x), batched over the leading dimensions of ``x``."""
         z_from_x, z_offset, z_scale_tril = self.posterior_parameters()
         return dist.MultivariateNormal(x @ z_from_x.T + z_offset, scale_tril=z_scale_tril)

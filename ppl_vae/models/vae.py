@@ -59,8 +59,14 @@ class VAE(ImageModel):
     :meth:`VAEConfig.kl_weight` of the step last given to :meth:`on_train_step`; in eval mode it
     is 1, so validation and test numbers are the true -ELBO whatever β and the warm-up are.
 
+    Capabilities: :class:`~ppl_vae.models.capabilities.GaussianGuide` (``posterior``),
+    :class:`~ppl_vae.models.capabilities.ExplicitPrior` (``prior``),
+    :class:`~ppl_vae.models.capabilities.TrainingHooks` (the warm-up).
+
     :param VAEConfig config: networks, likelihood, β and warm-up.
     """
+
+    recordable = True
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -76,7 +82,7 @@ class VAE(ImageModel):
 
     def on_train_step(self, step: int) -> None:
         # The weight, not the step, is what the programs read: it stops changing when the
-        # warm-up ends, so a recorded training loss (ppl_vae.fast.CapturedELBO) replays again.
+        # warm-up ends, so a recorded training loss (ppl_vae.inference.recording) replays again.
         self.train_kl_weight = self.config.kl_weight(step)
 
     def epoch_metrics(self) -> dict[str, float]:
@@ -86,34 +92,32 @@ class VAE(ImageModel):
             return {}
         return {"kl_weight": self.train_kl_weight}
 
+    def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """p(z) = N(0, I), batch-shaped like ``x``'s leading dimension."""
+        standard = dist.Normal(x.new_zeros(()), x.new_ones(()))
+        return standard.expand([x.shape[0], self.config.z_dim]).to_event(1)
+
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q(z|x) = N(z_loc, diag z_scale²) from the encoder."""
+        z_loc, z_scale = self.encoder(x)
+        return dist.Normal(z_loc, z_scale).to_event(1)
+
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
-            prior = dist.Normal(x.new_zeros(()), x.new_ones(())).expand([self.config.z_dim])
             with poutine.scale(scale=self.kl_weight):
-                z = pyro.sample("z", prior.to_event(1))
+                z = pyro.sample("z", self.prior(x))
             self.observe(x, z)
 
     def guide(self, x: torch.Tensor) -> None:
         pyro.module("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
-            z_loc, z_scale = self.encoder(x)
             with poutine.scale(scale=self.kl_weight):
-                pyro.sample("z", dist.Normal(z_loc, z_scale).to_event(1))
+                pyro.sample("z", self.posterior(x))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)[0]
 
     def prior_sample(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.config.z_dim, device=self.device)
-
-    def evaluation_metrics(self, inputs, eval_cfg, progress=False):
-        from ppl_vae.evaluate import aggregate_posterior_gap, kl_per_dimension
-
-        results = super().evaluation_metrics(inputs, eval_cfg, progress)
-        return {
-            **results,
-            **aggregate_posterior_gap(self, inputs, eval_cfg.batch_size),
-            **kl_per_dimension(self.encoder, inputs, eval_cfg.batch_size),
-        }

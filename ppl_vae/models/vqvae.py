@@ -9,8 +9,8 @@ training loss (in training mode) adds the auxiliary loss ‖sg[z_e] − e_k‖²
 per datum.
 
 For generation a learned :class:`~ppl_vae.models.code_prior.CodePrior` (a PixelCNN over code
-maps) is fitted after the SVI loop (:meth:`VQVAE.fit_auxiliary`) and kept in the state_dict;
-:meth:`VQVAE.prior_sample` draws from it once fitted, from the uniform prior before.
+maps) is fitted by SVI after the main loop (:meth:`VQVAE.auxiliary_fits`) and kept in the
+state_dict; :meth:`VQVAE.prior_sample` draws from it once fitted, from the uniform prior before.
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ from torch import nn
 
 from ppl_vae import nets
 from ppl_vae.errors import check
+from ppl_vae.models.capabilities import AuxiliaryFit
 from ppl_vae.models.code_prior import CodePrior, CodePriorConfig
 from ppl_vae.models.common import Activation, ImageConfig, ImageModel, check_conv_shape
-from ppl_vae.quantizer import Quantizer, perplexity
+from ppl_vae.quantizer import Quantizer
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,20 @@ class VQVAEConfig(ImageConfig):
         return math.prod(self.grid) * math.log(self.codebook_size)
 
 
+class _CodebookGrids(constraints.Constraint):
+    """Grids ``(D, h, w)`` of codebook vectors: a finite, discrete set (event_dim 3).
+
+    ``check`` does not look up which code a value is: values at ``"z"`` are codebook vectors by
+    construction (the guide's straight-through z_q).
+    """
+
+    is_discrete = True
+    event_dim = 3
+
+    def check(self, value: torch.Tensor) -> torch.Tensor:
+        return torch.ones(value.shape[:-3], dtype=torch.bool, device=value.device)
+
+
 class UniformCodebook(TorchDistribution):
     """Uniform over the K codebook vectors, independently at each of the h×w grid positions.
 
@@ -86,7 +101,7 @@ class UniformCodebook(TorchDistribution):
     """
 
     arg_constraints: ClassVar[dict] = {}
-    support = constraints.independent(constraints.real, 3)
+    support = _CodebookGrids()
 
     def __init__(self, codebook: torch.Tensor, grid: tuple[int, int], batch_shape=()):
         self.codebook, self.grid = codebook, tuple(grid)
@@ -111,12 +126,16 @@ class VQVAE(ImageModel):
 
     z_q(x) is the straight-through nearest-code quantization of the encoder's grid z_e(x).
 
+    Capabilities: :class:`~ppl_vae.models.capabilities.ExplicitPrior`,
+    :class:`~ppl_vae.models.capabilities.Codebook`,
+    :class:`~ppl_vae.models.capabilities.LearnedCodePrior`,
+    :class:`~ppl_vae.models.capabilities.TrainingHooks` (revival, usage statistics),
+    :class:`~ppl_vae.models.capabilities.AuxiliaryFits` (the code prior) and
+    :class:`~ppl_vae.models.capabilities.SampleCaption`. Not recordable: the quantizer's
+    training-time bookkeeping (usage counts, EMA) reads tensor values in Python.
+
     :param VQVAEConfig config: networks, codebook, auxiliary loss, code prior.
     """
-
-    # The quantizer's training-time bookkeeping (usage counts, EMA, perplexity) reads tensor
-    # values in Python, which a recorded graph cannot hold: fit trains it with the lean loss.
-    capturable = False
 
     def __init__(self, config: VQVAEConfig):
         super().__init__()
@@ -146,12 +165,15 @@ class VQVAE(ImageModel):
         self.code_prior = CodePrior(cfg.codebook_size, cfg.grid, cfg.code_prior)
         self.register_buffer("code_prior_fitted", torch.tensor(False))
 
+    def prior(self, x: torch.Tensor) -> UniformCodebook:
+        """p(z): uniform over the codes at every grid position, batch-shaped like ``x``."""
+        return UniformCodebook(self.quantizer.codebook.detach(), self.config.grid, (x.shape[0],))
+
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
         with pyro.plate("data", x.shape[0]):
-            prior = UniformCodebook(self.quantizer.codebook.detach(), self.config.grid)
-            z = pyro.sample("z", prior)
+            z = pyro.sample("z", self.prior(x))
             self.observe(x, z)
 
     def guide(self, x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +191,10 @@ class VQVAE(ImageModel):
         return codes
 
     # ------------------------------------------------------------------ encode / decode / sample
+
+    @property
+    def codebook_size(self) -> int:
+        return self.config.codebook_size
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest-code indices ``(B, h, w)`` of the images ``x``."""
@@ -202,51 +228,34 @@ class VQVAE(ImageModel):
 
     @torch.no_grad()
     def all_codes(self, inputs: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Nearest-code indices of every image of ``inputs``, ``(N, h, w)``."""
         return torch.cat([self.codes(x) for x in inputs.split(batch_size)])
 
-    def fit_auxiliary(self, train_inputs, val_inputs, progress=False) -> dict[str, float]:
-        """Fit the code prior on the codes of the training images (skipped for 0 epochs)."""
-        if self.config.code_prior.epochs == 0:
-            return {}
-        train_codes = self.all_codes(train_inputs)
-        val_codes = self.all_codes(val_inputs)
-        with torch.enable_grad():
-            results = self.code_prior.fit(train_codes, val_codes, progress)
-        self.code_prior_fitted.fill_(True)
-        return results
+    # ------------------------------------------------------------------ the learned code prior
 
-    @torch.no_grad()
-    def evaluation_metrics(self, inputs, eval_cfg, progress=False):
-        from ppl_vae.evaluate import reconstruction_metrics
+    def has_code_prior(self) -> bool:
+        return bool(self.code_prior_fitted)
 
-        cfg = self.config
-        positions = math.prod(cfg.grid)
-        codes = self.all_codes(inputs, eval_cfg.batch_size)
-        counts = torch.bincount(codes.reshape(-1), minlength=cfg.codebook_size).double()
-        results = {
-            **reconstruction_metrics(self, inputs, eval_cfg.batch_size),
-            "kl_constant": cfg.kl_constant,
-            "perplexity": perplexity(counts),
-            "codebook_usage": (counts > 0).double().mean().item(),
-            "dead_codes": int((counts == 0).sum()),
-            "uniform_bits_per_position": math.log2(cfg.codebook_size),
-        }
-        results["vq_neg_elbo"] = results["recon_nll"] + cfg.kl_constant
-        notes = [
-            "q(z|x) is a point mass on the nearest codes, so importance sampling cannot "
-            "estimate log p(x); the -ELBO under the uniform code prior is the reconstruction "
-            "-log p(x|z_q) plus the constant KL = positions · log K"
-        ]
-        if bool(self.code_prior_fitted):
-            nll = self.code_prior.nll(codes, eval_cfg.batch_size)
-            results["code_prior_nll"] = nll
-            results["code_prior_bits_per_position"] = nll / (positions * math.log(2))
-            results["code_prior_bits_per_dim"] = nll / (inputs.shape[1] * math.log(2))
-            # q is one-hot, so KL(q || learned prior) = -log p(codes): the -ELBO under it
-            results["code_prior_neg_elbo"] = results["recon_nll"] + nll
-            notes.append(
-                "the code prior's -log p(codes) replaces the uniform prior's positions · log K "
-                f"= {cfg.kl_constant:.1f} nats/image"
+    def code_prior_log_prob(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.code_prior.log_prob(codes)
+
+    def auxiliary_fits(self) -> list[AuxiliaryFit]:
+        """The code prior, fitted on the code maps of the training images (none for 0 epochs)."""
+        cfg = self.config.code_prior
+        if cfg.epochs == 0:
+            return []
+        prior = self.code_prior
+        return [
+            AuxiliaryFit(
+                name="code prior",
+                module=prior,
+                model=prior.model,
+                guide=prior.guide,
+                data=self.all_codes,
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                evaluate=prior.validation_metrics,
+                done=lambda: self.code_prior_fitted.fill_(True),
             )
-        results["notes"] = notes
-        return results
+        ]
