@@ -442,7 +442,11 @@ def _combine(model_terms, guide_terms, x, num_particles: int, batch: int) -> tor
 
 
 def _traced_log_weights(model_p, guide_p, x, num_particles, detach_guide, require_rsample):
-    """:func:`weighted_draws` through Pyro's traces, with Pyro's validation of the pair."""
+    """:func:`weighted_draws` through Pyro's traces, with Pyro's validation of the pair.
+
+    The traces hold each site's scaled and masked ``log_prob`` (what :func:`site_log_density`
+    computes per datum without fusion); only detached guide densities are computed again.
+    """
     model_trace, guide_trace = get_importance_trace(
         "flat", MAX_PLATE_NESTING + 1, model_p, guide_p, (x,), {}
     )
@@ -452,12 +456,12 @@ def _traced_log_weights(model_p, guide_p, x, num_particles, detach_guide, requir
             continue
         if require_rsample and (site["infer"].get("enumerate") or not site["fn"].has_rsample):
             raise NeedsScoreFunction(site["name"])
-        guide_terms.append(site_log_density(site, per_datum=True, fused=False,
-                                            detach=detach_guide))  # fmt: skip
+        if detach_guide and not site["is_observed"]:
+            guide_terms.append(site_log_density(site, per_datum=True, detach=True))
+        else:
+            guide_terms.append(site["log_prob"])
     model_terms = [
-        site_log_density(site, per_datum=True, fused=False)
-        for site in model_trace.nodes.values()
-        if site["type"] == "sample"
+        site["log_prob"] for site in model_trace.nodes.values() if site["type"] == "sample"
     ]
     values = {
         name: site["value"]
