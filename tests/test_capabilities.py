@@ -24,7 +24,7 @@ from ppl_vae.errors import ConfigError
 from ppl_vae.inference.objectives import loss_module
 from ppl_vae.models import REGISTRY, build
 from ppl_vae.models.capabilities import ExplicitPrior, GaussianGuide
-from ppl_vae.models.common import ImageModel, NetworkConfig
+from ppl_vae.models.common import ImageModel, NetworkConfig, standard_normal
 
 # ----------------------------------------------------------------------------- the new model file
 
@@ -59,8 +59,7 @@ class FlowVAE(ImageModel):
         )
 
     def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
-        standard = dist.Normal(x.new_zeros(()), x.new_ones(()))
-        return standard.expand([x.shape[0], self.config.z_dim]).to_event(1)
+        return standard_normal(x, self.config.z_dim)
 
     def q(self, x: torch.Tensor) -> dist.TorchDistribution:
         z_loc, z_scale = self.encoder(x)

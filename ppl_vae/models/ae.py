@@ -23,7 +23,7 @@ from torch.distributions import constraints
 
 from ppl_vae.errors import check
 from ppl_vae.models.capabilities import DEFAULT_SAMPLES_CAPTION
-from ppl_vae.models.common import ImageModel, NetworkConfig
+from ppl_vae.models.common import ImageModel, NetworkConfig, standard_normal
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,9 @@ class AE(ImageModel):
     def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """p(z): N(0, I), or with ``prior=False`` a flat improper density (log density 0, never
         sampled from: SVI replays the guide's z)."""
-        batch, z_dim = x.shape[0], self.config.z_dim
         if self.config.prior:
-            standard = dist.Normal(x.new_zeros(()), x.new_ones(()))
-            return standard.expand([batch, z_dim]).to_event(1)
-        return dist.ImproperUniform(constraints.real, (batch,), (z_dim,))
+            return standard_normal(x, self.config.z_dim)
+        return dist.ImproperUniform(constraints.real, (x.shape[0],), (self.config.z_dim,))
 
     def model(self, x: torch.Tensor) -> None:
         pyro.module("decoder", self.decoder)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pyro
+import pyro.distributions as dist
 import torch
 from torch import nn
 
@@ -123,6 +124,13 @@ def check_conv_shape(cfg) -> None:
         f"{len(cfg.conv_channels)} stride-2 conv layers (--model.channels {cfg.channels})",
         cfg.x_dim,
     )
+
+
+def standard_normal(x: torch.Tensor, z_dim: int) -> dist.TorchDistribution:
+    """N(0, I) over a vector z of ``z_dim``, batch-shaped like ``x``'s leading dimension (a
+    prior p(z) for the ``"data"`` plate), in ``x``'s dtype and on its device."""
+    standard = dist.Normal(x.new_zeros(()), x.new_ones(()))
+    return standard.expand([x.shape[0], z_dim]).to_event(1)
 
 
 class ImageModel(LatentVariableModel):

@@ -13,7 +13,7 @@ from pyro import poutine
 
 from ppl_vae import nets
 from ppl_vae.errors import check
-from ppl_vae.models.common import ImageModel, NetworkConfig
+from ppl_vae.models.common import ImageModel, NetworkConfig, standard_normal
 
 
 @dataclass(frozen=True)
@@ -94,8 +94,7 @@ class VAE(ImageModel):
 
     def prior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """p(z) = N(0, I), batch-shaped like ``x``'s leading dimension."""
-        standard = dist.Normal(x.new_zeros(()), x.new_ones(()))
-        return standard.expand([x.shape[0], self.config.z_dim]).to_event(1)
+        return standard_normal(x, self.config.z_dim)
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z|x) = N(z_loc, diag z_scale²) from the encoder."""
