@@ -529,4 +529,5 @@ def format_diagnostics(results: dict[str, Any]) -> list[str]:
             if f"{key}_stderr" in results:
                 extra = f" ± {results[key + '_stderr']:.2f}"
             lines.append(f"  {label}: {results[key]:.4g}{extra}")
+    lines += [f"  note: {note}" for note in results.get("notes", [])]
     return lines

@@ -201,9 +201,8 @@ def fit_auxiliary(
     order = torch.Generator().manual_seed(0)
     aux.module.train()
     with torch.enable_grad():
-        for epoch in tqdm(range(aux.epochs), desc=aux.name, disable=None if progress else True):
-            run_svi(step, data.batches(train_data, aux.batch_size, order),
-                    desc=f"{aux.name} epoch {epoch + 1}")  # fmt: skip
+        for _ in tqdm(range(aux.epochs), desc=aux.name, disable=None if progress else True):
+            run_svi(step, data.batches(train_data, aux.batch_size, order))
     aux.module.eval()
     aux.done()
     return aux.evaluate(val_data)

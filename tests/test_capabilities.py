@@ -147,7 +147,9 @@ def test_the_cli_trains_evaluates_and_diagnoses_it(registered, fake_data_dir, tm
     assert "traversals.png" in {p.name for p in run_dir.iterdir()}
     argv = ["diagnose", str(run_dir), "--images", "4", "--k", "50", "--gap-images", "2",
             "--nuts-images", "1", "--nuts-warmup", "5", "--nuts-samples", "5"]  # fmt: skip
+    capsys.readouterr()
     assert main(argv) == 0
+    assert "note: the gaps are left out" in capsys.readouterr().out  # said, not only written
     diag = json.loads((run_dir / "diagnostics.json").read_text())
     assert math.isfinite(diag["khat_mean"]) and "nuts_r_hat_max" in diag
     assert "amortization_gap" not in diag and "not the family" in diag["notes"][0]

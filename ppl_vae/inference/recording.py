@@ -296,7 +296,6 @@ class Recorded(torch.nn.Module):
         self.refused: dict[tuple, str] = {}  # key → why it is not recorded
         self.last_key: tuple | None = None
         self.state: ProgramState | None = None
-        self.refusal: str | None = None  # why the last recording was refused
         self._tokens: dict[tuple, int] = {}  # module-tree signature → its number
 
     def program(self, x: torch.Tensor, own: dict[int, torch.Tensor], *static) -> torch.Tensor:
@@ -336,24 +335,21 @@ class Recorded(torch.nn.Module):
             if len(self.graphs) >= self.max_graphs:
                 self.graphs.clear()
             graph = self._record(model, state, x, static)
-            if graph is None:
-                self.refused[key] = self.refusal
+            if isinstance(graph, str):  # why it may not replay
+                self.refused[key] = graph
+                warnings.warn(
+                    f"{self.what} of {type(model).__name__} is not recorded ({graph});"
+                    " it runs as written instead",
+                    stacklevel=3,
+                )
                 return self.direct(x, *static)
             self.graphs[key] = graph
         self.last_key = key
         self.replays += 1
         return graph.forward(state.tensors, x)
 
-    def _refuse(self, reason: str) -> None:
-        self.refusal = reason
-        warnings.warn(
-            f"{self.what} of {type(self.target[0]).__name__} is not recorded ({reason});"
-            " it runs as written instead",
-            stacklevel=4,
-        )
-
-    def _record(self, model, state: ProgramState, x, static) -> Callable | None:
-        """The recorded and checked graph, or None (with a warning) when it may not replay.
+    def _record(self, model, state: ProgramState, x, static) -> Callable | str:
+        """The recorded and checked graph, or why it may not replay.
 
         Recording runs the program once; the random state and the buffers are put back
         afterwards, so that the first replay draws and updates as an unrecorded call would.
@@ -374,23 +370,19 @@ class Recorded(torch.nn.Module):
             graph = make_fx(run)(list(state.tensors), x)
         except Exception as err:  # e.g. Python that reads tensor values (bool(tensor))
             # The direct path runs the same code unrecorded, so a genuine error still surfaces.
-            self._refuse(f"{type(err).__name__}: {str(err).splitlines()[0]}")
-            return None
+            return f"{type(err).__name__}: {str(err).splitlines()[0]}"
         finally:
             self._restore(model, saved)
         if watch.reason is not None:
-            self._refuse(watch.reason)
-            return None
+            return watch.reason
         if not state.holds():
-            self._refuse("the program changes its modules' attributes")
-            return None
+            return "the program changes its modules' attributes"
         # Drop what nothing reads (a plate's index tensor, unused constants). In-place ops,
         # the random draws among them (empty + normal_), count as side effects and stay.
         graph.graph.eliminate_dead_code()
         simplify_graph(graph)
         if not self._replays_the_program(model, state, graph, x, static):
-            self._refuse("its replay differs from the program on the same draws")
-            return None
+            return "its replay differs from the program on the same draws"
         return graph
 
     @staticmethod
