@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import sys
 import textwrap
 import types
@@ -19,12 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from ppl_vae import data, diagnostics, evaluate, models, plots, report, runs, train
+from ppl_vae import data, diagnostics, evaluate, files, models, plots, report, runs, train
 from ppl_vae.config import PRESETS, EvalConfig, RunConfig, preset, with_model
 from ppl_vae.errors import UserError
-from ppl_vae.metrics import format_results
+from ppl_vae.metrics import format_results, seeded
 
 PROG = "ppl-vae"
 
@@ -101,7 +100,20 @@ def _argument_spec(tp: Any) -> dict[str, Any]:
         return {"nargs": "+", "type": typing.get_args(tp)[0], "metavar": "N"}
     if tp is bool:
         return {"action": argparse.BooleanOptionalAction}
+    if tp is float:
+        return {"type": finite_float, "metavar": "FLOAT"}
     return {"type": tp, "metavar": tp.__name__.upper()}
+
+
+def finite_float(text: str) -> float:
+    """A flag's number: nan and ±inf are refused here, with the flag named by argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
 
 
 def add_config_flags(parser: argparse.ArgumentParser, default: Any, prefix: str = "") -> None:
@@ -200,6 +212,7 @@ def parse_train(argv: list[str]) -> tuple[RunConfig | None, Path | None, int | N
     if args.resume is None:
         return apply_flags(base, flags), None, None
     extra = [f"--{k}".replace("_", "-") for k in sorted(set(flags) - {"train.epochs"})]
+    extra += [f"--preset {args.preset}"] if args.preset != "default" or "--preset" in argv else []
     extra += [f"the model {kind}"] if kind else []
     if extra:
         parser.error(f"--resume uses the saved config; drop {', '.join(extra)}")
@@ -338,12 +351,21 @@ def cmd_sample(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error(f"argument -n: must be a positive integer (got {args.n})")
-    if not args.output.parent.is_dir():
-        parser.error(f"argument -o: folder {args.output.parent} does not exist")
+    if args.nrow < 1:
+        parser.error(f"argument --nrow: must be a positive integer (got {args.nrow})")
+    output = args.output
+    if output.suffix.lower() != ".png":
+        parser.error(f"argument -o: {output} must name a .png file (a PNG grid is written)")
+    if output.is_dir():
+        parser.error(f"argument -o: {output} is a folder; name a .png file in it")
+    if not output.parent.is_dir():
+        parser.error(f"argument -o: folder {output.parent} does not exist")
+    files.check_writable(output.parent, "pass -o with a writable folder")
     cfg, model, _ = runs.load_model(args.run_dir, data.resolve_device(args.device))
-    torch.manual_seed(args.seed)
-    plots.samples_figure(model, args.output, data.IMAGE_SHAPE[cfg.data.dataset], args.n, args.nrow)
-    print(f"written: {args.output}")
+    shape = data.IMAGE_SHAPE[cfg.data.dataset]
+    with seeded(args.seed), files.Staged(output.parent, "pass -o elsewhere") as stage:
+        plots.samples_figure(model, stage.path(output.name), shape, args.n, args.nrow)
+    print(f"written: {output}")
     return 0
 
 
@@ -361,6 +383,10 @@ def cmd_report(argv: list[str]) -> int:
     path = report.build_report(args.run_dir, device=args.device)
     print(f"written: {path} and {path.with_suffix('.html')}")
     return 0
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
 
 
 COMMANDS = {
@@ -388,7 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[argv[0]][0](argv[1:])
     except UserError as err:
-        print(f"{PROG} {argv[0]}: error: {err}", file=sys.stderr)
+        print(f"{PROG} {argv[0]}: error: {one_line(str(err))}", file=sys.stderr)
+        return getattr(err, "exit_code", 2)
+    except OSError as err:  # the user's filesystem (permissions, space), caught where it arose
+        if err.errno not in files.USER_ERRNOS:
+            raise
+        where = err.filename or ""
+        reason = files.USER_ERRNOS[err.errno]
+        print(f"{PROG} {argv[0]}: error: {where}: {reason}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG} {argv[0]}: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ their attribute docstrings are the ``--help`` text, and ``config.json`` in every
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, replace
@@ -47,8 +48,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "--train.epochs", "a positive integer", self.epochs)
         check(self.batch_size >= 1, "--train.batch-size", "a positive integer", self.batch_size)
-        check(self.lr > 0, "--train.lr", "positive", self.lr)
-        check(self.adam_eps > 0, "--train.adam-eps", "positive", self.adam_eps)
+        check(0 < self.lr < math.inf, "--train.lr", "positive and finite", self.lr)
+        check(
+            0 < self.adam_eps < math.inf, "--train.adam-eps", "positive and finite", self.adam_eps
+        )
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,26 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.name is not None:
+            check(
+                self.name not in ("", ".", "..")
+                and Path(self.name).name == self.name
+                and "\0" not in self.name,
+                "--name",
+                "one folder name (no '/', not '.' or '..'); --runs-dir says where it goes",
+                self.name,
+            )
         self.model.check_data(self.data.binarization)  # e.g. Bernoulli needs binarized pixels
+
+
+def check_fits(cfg: RunConfig, num_pixels: int, source: Path | str) -> None:
+    """The model's input size must be that of the dataset's images."""
+    x_dim = getattr(cfg.model, "x_dim", None)
+    if x_dim is not None and x_dim != num_pixels:
+        raise ConfigError(
+            f"--model.x-dim {x_dim}: the images of {source} have {num_pixels} values each; "
+            f"pass --model.x-dim {num_pixels} (or data of {x_dim} values per image)"
+        )
 
 
 def burda_epochs(stages: int = 8) -> int:
@@ -124,33 +146,87 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
-def from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a config written by :func:`to_dict`; unknown keys are an error."""
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Rebuild a config written by :func:`to_dict`; unknown keys, values of the wrong type and
+    values outside a field's choices are a :class:`ConfigError` naming the field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected an object, got {_shown(data)}")
     if issubclass(cls, ModelConfig):
         data = dict(data)
-        cls = config_class(data.pop("kind", cls.kind))
+        kind = data.pop("kind", cls.kind)
+        try:
+            cls = config_class(kind)
+        except (KeyError, ConfigError, TypeError):
+            raise ConfigError(f"{where}kind: unknown model {_shown(kind)}") from None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
-    return cls(**{k: _coerce(hints[k], v) for k, v in data.items()})
+        raise ConfigError(
+            f"{where.rstrip('.') or cls.__name__}: unknown field(s) {sorted(map(str, unknown))} "
+            f"of {cls.__name__}"
+        )
+    values = {k: _coerce(hints[k], v, f"{where}{k}") for k, v in data.items()}
+    return cls(**values)
 
 
-def _coerce(tp: Any, value: Any) -> Any:
-    if value is None:
-        return None
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
         (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(tp, value)
+        return _coerce(tp, value, where)
+    wrong = ConfigError(f"{where}: {_shown(value)} is not {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp) or isinstance(value, bool):
+            choices = ", ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{where}: {_shown(value)} is not one of {choices}")
+        return value
     if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise wrong
         (item, *_) = typing.get_args(tp)
-        return tuple(_coerce(item, v) for v in value)
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value)
+        return from_dict(tp, value, f"{where}.")
     if tp is Path:
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise wrong
         return Path(value)
-    if tp is float and isinstance(value, int):
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise wrong
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number (got {value})")
         return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise wrong
+        return value
     return value
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "a list"
+    return {
+        int: "an integer",
+        float: "a number",
+        bool: "true or false",
+        str: "a string",
+        Path: "a path",
+    }.get(tp, getattr(tp, "__name__", str(tp)))

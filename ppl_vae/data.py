@@ -14,15 +14,20 @@ Pixels become model inputs in :func:`to_input`: dynamically binarized (a fresh B
 per batch, the default for Bernoulli likelihoods), statically binarized (one fixed draw per
 image, made at load time), or scaled to [0, 1].
 
-The validation split is the last :data:`VAL_SIZE` (10,000) images of a fixed, seeded
-permutation of the 60,000 training images; the remaining 50,000 are used for training.
+The validation split is the last ``--data.val-size`` images (default :data:`VAL_SIZE`, 10,000,
+or a sixth of a smaller training file) of a fixed, seeded permutation of the training file; the
+rest are used for training. The sizes, the files' absolute paths and their SHA-256 are recorded
+in the run's config.json (:func:`source_record`).
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+import shutil
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +61,32 @@ class DataConfig:
     binarization: Literal["dynamic", "static", "none"] = "dynamic"
     """dynamic: a fresh Bernoulli draw per batch; static: one fixed draw; none: intensities."""
     train_subset: int = 0
-    """Train on the first N training images only (0 = all 50,000)."""
+    """Train on the first N training images only (0 = all of the training split)."""
+    val_size: int = 0
+    """Validation images held out of the training file (0: 10,000, or a sixth of a training
+    file of fewer than 60,000 images)."""
 
     def __post_init__(self) -> None:
         check(self.train_subset >= 0, "--data.train-subset", ">= 0", self.train_subset)
+        check(self.val_size >= 0, "--data.val-size", ">= 0", self.val_size)
+        if self.data_dir is not None:  # stored absolute: evaluate works from any folder
+            object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().absolute())
+
+    def split_sizes(self, n: int, source: Path | str) -> tuple[int, int]:
+        """(training, validation) images out of a training file of ``n``; a split that leaves
+        either empty, or a subset larger than the training split, is a user error."""
+        if n < 2:
+            raise DataError(
+                f"{source}: holds {n} training image(s); at least 2 are needed (one for "
+                "training, one for validation)"
+            )
+        val = self.val_size or max(1, min(VAL_SIZE, n // 6))
+        if val >= n:
+            raise ConfigError(
+                f"--data.val-size {val}: {source} holds {n} training images, so no training "
+                f"images are left; pass --data.val-size between 1 and {n - 1}"
+            )
+        return n - val, val
 
 
 def how_to_get(dataset: str) -> str:
@@ -86,8 +113,13 @@ def read_idx(path: str | Path, dataset: str = "fashion-mnist") -> torch.Tensor:
             raw = gzip.decompress(raw)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; {how_to_get(dataset)}") from None
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise DataError(f"{path}: cannot be read ({err}); {how_to_get(dataset)}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not an IDX file; {how_to_get(dataset)}") from None
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(
+            f"{path}: cannot be read ({reason}; damaged or not a gzip file); {how_to_get(dataset)}"
+        ) from None
     if len(raw) < 4:
         raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes); {how_to_get(dataset)}")
     zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
@@ -172,12 +204,17 @@ def download(dataset: str) -> dict[str, Path]:
     cls = getattr(torchvision.datasets, TORCHVISION_CLASS[dataset])
     raw = root / TORCHVISION_CLASS[dataset] / "raw"
     if find_idx_files(raw) is None:
+        # what this download creates is removed again when it fails
+        created = [p for p in (root, root / TORCHVISION_CLASS[dataset]) if not p.exists()]
         try:
             for train in (True, False):
                 cls(root=str(root), train=train, download=True)
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError
+            if created:  # the topmost folder this call made
+                shutil.rmtree(created[0], ignore_errors=True)
+            reason = " ".join(str(err).split())[:160] or type(err).__name__
             raise DataError(
-                f"{dataset}: not found locally and the download into {root} failed ({err}); "
+                f"{dataset}: not found locally and the download into {root} failed ({reason}); "
                 f"{how_to_get(dataset)}"
             ) from None
     files = find_idx_files(raw)
@@ -225,20 +262,49 @@ class Dataset:
     files: dict[str, Path]
 
 
+# Label counts of the 60,000 training images, which tell the two datasets apart whatever their
+# compression: Fashion-MNIST has 6,000 of each class, MNIST's digits are uneven.
+TRAIN_LABEL_COUNTS = {
+    "fashion-mnist": (6000,) * 10,
+    "mnist": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+}
+
+
+def identify(train_labels: torch.Tensor) -> str | None:
+    """Which known dataset a training label file is, from its class counts (None: unknown)."""
+    if train_labels.dim() != 1 or train_labels.numel() != 60_000:
+        return None
+    counts = tuple(torch.bincount(train_labels.long(), minlength=10).tolist())
+    return next((name for name, known in TRAIN_LABEL_COUNTS.items() if known == counts), None)
+
+
 def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
     """Read, validate and split the dataset; every tensor ends on ``device``."""
     files = locate(cfg)
     arrays = {key: read_idx(path, cfg.dataset) for key, path in files.items()}
+    shape = IMAGE_SHAPE[cfg.dataset][1:]
     for part in ("train", "test"):
         images, labels = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+        path = files[f"{part}_images"]
         if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
             raise DataError(
-                f"{files[part + '_images']}: images {tuple(images.shape)} do not match labels "
+                f"{path}: images {tuple(images.shape)} do not match labels "
                 f"{tuple(labels.shape)} in {files[part + '_labels']}; {how_to_get(cfg.dataset)}"
             )
+        if tuple(images.shape[1:]) != shape:
+            raise DataError(
+                f"{path}: images are {images.shape[1]}x{images.shape[2]} but {cfg.dataset} "
+                f"images are {shape[0]}x{shape[1]}; {how_to_get(cfg.dataset)}"
+            )
+    found = identify(arrays["train_labels"])
+    if found is not None and found != cfg.dataset:
+        raise DataError(
+            f"{files['train_labels']}: these files are {found} (their label counts), but "
+            f"--data.dataset is {cfg.dataset}; pass --data.dataset {found}"
+        )
     train_images, train_labels = arrays["train_images"], arrays["train_labels"].long()
     n = train_images.shape[0]
-    val_size = min(VAL_SIZE, n // 6)  # small test files keep a proportionate validation split
+    _, val_size = cfg.split_sizes(n, files["train_images"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = perm[: n - val_size].sort().values, perm[n - val_size :].sort().values
     splits = {
@@ -255,6 +321,33 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
         split.labels = split.labels.to(device)
         split.fixed_binary = split.fixed_binary.to(device)
     return Dataset(name=cfg.dataset, files=files, **splits)
+
+
+def fingerprint(path: Path) -> str:
+    """SHA-256 of a file's bytes (as stored, compressed or not)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def source_record(dataset: Dataset, cfg: DataConfig) -> dict:
+    """What config.json records of the data a run read: the split sizes, each file's absolute
+    path and SHA-256."""
+    return {
+        "dataset": dataset.name,
+        "sizes": {
+            "train": len(dataset.train) if not cfg.train_subset else cfg.train_subset,
+            "val": len(dataset.val),
+            "test": len(dataset.test),
+            "train_split": len(dataset.train),
+        },
+        "files": {
+            key: {"path": str(Path(path).absolute()), "sha256": fingerprint(path)}
+            for key, path in dataset.files.items()
+        },
+    }
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -279,9 +372,15 @@ def to_input(images: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown input mode {mode!r}; use 'dynamic', 'static' or 'none'")
 
 
-def train_source(cfg: DataConfig, split: Split) -> tuple[torch.Tensor, str]:
+def train_source(cfg: DataConfig, split: Split, val_size: int = 0) -> tuple[torch.Tensor, str]:
     """The uint8 tensor training batches are sliced from (the first ``cfg.train_subset``
     images when set), and the :func:`to_input` mode that turns them into model inputs."""
+    if cfg.train_subset > len(split):
+        raise ConfigError(
+            f"--data.train-subset {cfg.train_subset}: the training split holds only "
+            f"{len(split)} images (the training file minus {val_size} validation images, "
+            f"--data.val-size); pass at most {len(split)}, or 0 for all"
+        )
     if cfg.binarization == "static":
         source, mode = split.fixed_binary, "static"
     else:

@@ -37,7 +37,7 @@ import torch
 from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
-from ppl_vae import data, plots, runs
+from ppl_vae import data, files, plots, runs
 from ppl_vae.errors import ConfigError, check
 from ppl_vae.inference import weights
 from ppl_vae.inference.objectives import ObjectiveConfig, make_elbo
@@ -417,6 +417,14 @@ def diagnose_run(
     """
     cfg = cfg or DiagnoseConfig()
     run_dir = Path(run_dir)
+    runs.open_for_writing(run_dir, DIAGNOSTICS_JSON)
+    # every output is renamed into place together, once all are written
+    with files.Staged(run_dir, "free space or fix the permissions, then rerun") as stage:
+        return _diagnose(stage, cfg, device, progress, dataset)
+
+
+def _diagnose(stage, cfg, device, progress, dataset) -> dict[str, Any]:
+    run_dir = stage.folder
     torch.manual_seed(cfg.seed)
     pyro.set_rng_seed(cfg.seed)
     torch_device = data.resolve_device(device)
@@ -450,8 +458,8 @@ def diagnose_run(
             "log_px_psis": ["point"],
         },  # fmt: skip
     )
-    importance.to_netcdf(str(run_dir / IMPORTANCE_NC))
-    plots.khat_figure(khat, run_dir / plots.KHAT)
+    importance.to_netcdf(str(stage.path(IMPORTANCE_NC)))
+    plots.khat_figure(khat, stage.path(plots.KHAT))
 
     # amortization and approximation gaps (q* Gaussian, so for Gaussian guides)
     x_gap = inputs[: cfg.gap_images]
@@ -482,7 +490,7 @@ def diagnose_run(
             local_sub = LocalGuide(local.z_loc[points], local.z_scale[points])
             idata["local"] = to_inference_data(guide_draws_for(local_sub, sub, chains, n), points)
         for name, item in idata.items():
-            item.to_netcdf(str(run_dir / POSTERIORS_NC[name]))
+            item.to_netcdf(str(stage.path(POSTERIORS_NC[name])))
         comparison, summaries = compare_posteriors(idata)
         results["nuts_images"] = len(points)
         results.update(comparison)
@@ -492,8 +500,8 @@ def diagnose_run(
             .round(3)
             .to_dict(orient="index")
         )
-        plots.posterior_pairs_figure(idata, run_dir / plots.POSTERIOR_PAIRS)
-    (run_dir / DIAGNOSTICS_JSON).write_text(json.dumps(results, indent=2) + "\n")
+        plots.posterior_pairs_figure(idata, stage.path(plots.POSTERIOR_PAIRS))
+    stage.write_text(DIAGNOSTICS_JSON, json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -1,4 +1,5 @@
-"""User-facing errors: the CLI prints their message on one line and exits with code 2."""
+"""User-facing errors: the CLI prints their message on one line and exits with code 2 (3 for a
+diverged training run)."""
 
 
 class UserError(Exception):
@@ -15,6 +16,12 @@ class DataError(UserError, RuntimeError):
 
 class RunDirError(UserError, RuntimeError):
     """A run folder is missing, incomplete, or would be overwritten."""
+
+
+class Diverged(UserError, RuntimeError):
+    """Training met a non-finite loss and stopped; the last finite checkpoint is kept."""
+
+    exit_code = 3
 
 
 def check(condition: bool, flag: str, requirement: str, value: object) -> None:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ppl_vae import data, runs
+from ppl_vae import data, files, runs
 from ppl_vae.errors import RunDirError
 from ppl_vae.metrics import (
     DENSITY_GUIDE,
@@ -20,6 +20,7 @@ from ppl_vae.metrics import (
     evaluate_model,
     format_results,
     reference_metrics,
+    seeded,
 )
 
 EVAL_JSON = "eval.json"
@@ -51,6 +52,7 @@ def evaluate_run(
     paths (default: the run's ``--fast``).
     """
     torch_device = data.resolve_device(device)
+    runs.open_for_writing(run_dir, EVAL_JSON)
     cfg, model, checkpoint = runs.load_model(run_dir, torch_device)
     eval_cfg = eval_cfg or cfg.eval
     fast = cfg.fast if fast is None else fast
@@ -62,6 +64,7 @@ def evaluate_run(
         "split": split,
         "images": inputs.shape[0],
         "epoch": checkpoint["epoch"],
+        "seed": eval_cfg.seed,
         **evaluate_model(model, inputs, eval_cfg, progress, fast),
     }
     if reference_dir is not None:
@@ -74,11 +77,12 @@ def evaluate_run(
         if not DENSITY_GUIDE.holds(reference, ProgramFacts.of(reference, inputs[:2])):
             raise RunDirError(f"--reference-vae {reference_dir}: needs {DENSITY_GUIDE.name}")
         results["reference"] = str(reference_dir)
-        results.update(
-            reference_metrics(
-                model, reference, inputs, eval_cfg, cfg.data.binarization != "none",
-                min(1000, inputs.shape[0]), progress, fast,
-            )  # fmt: skip
-        )
-    (Path(run_dir) / EVAL_JSON).write_text(json.dumps(results, indent=2) + "\n")
+        with seeded(eval_cfg.seed, torch_device):
+            results.update(
+                reference_metrics(
+                    model, reference, inputs, eval_cfg, cfg.data.binarization != "none",
+                    min(1000, inputs.shape[0]), progress, fast,
+                )  # fmt: skip
+            )
+    files.write_atomic(Path(run_dir) / EVAL_JSON, json.dumps(results, indent=2) + "\n")
     return results

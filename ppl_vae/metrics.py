@@ -13,6 +13,7 @@ fails (a test runs every registered model through it).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ class EvalConfig:
     """Importance samples drawn at once; bounds memory at batch_size·particle_chunk·784 floats
     (50 × 100 images: 16 MB of logits). The guide's encoder runs once per chunk, so larger
     chunks amortize it (benchmarks/RESULTS.md)."""
+    seed: int = 0
+    """Seeds the Monte Carlo draws of evaluation: the same checkpoint gives the same numbers."""
 
     def __post_init__(self) -> None:
         check(self.k >= 1, "--eval.k", "a positive integer", self.k)
@@ -547,6 +550,21 @@ def evaluate_model(
     Raises ``RuntimeError`` when a group returns a number it has no label for (it would not
     be printed).
     """
+    with seeded(cfg.seed, inputs.device):
+        return _evaluate_model(model, inputs, cfg, progress, fast)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | str = "cpu"):
+    """Run a block on torch's random streams seeded with ``seed``; the streams outside the
+    block are left as they were."""
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _evaluate_model(model, inputs, cfg, progress, fast) -> dict[str, Any]:
     facts = ProgramFacts.of(model, inputs[:2])
     results: dict[str, Any] = {}
     notes: list[str] = []

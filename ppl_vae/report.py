@@ -6,15 +6,17 @@ import base64
 import html
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from ppl_vae import data, plots, runs
+from ppl_vae import data, files, plots, runs
 from ppl_vae.config import to_dict
 from ppl_vae.diagnostics import DIAGNOSTIC_LABELS, DIAGNOSTICS_JSON
+from ppl_vae.errors import RunDirError
 from ppl_vae.evaluate import EVAL_JSON
-from ppl_vae.metrics import LABELS
+from ppl_vae.metrics import LABELS, seeded
 from ppl_vae.models.capabilities import DEFAULT_SAMPLES_CAPTION, SampleCaption
 
 REPORT = "report.md"
@@ -22,26 +24,28 @@ REPORT_HTML = "report.html"
 COMMON_METRICS = ("epoch", "train_neg_elbo", "val_neg_elbo", "lr", "seconds", "images_per_s")
 
 
-def write_figures(run_dir: Path, model, dataset: data.Dataset, binarization: str, seed: int = 0):
-    """samples.png, reconstructions.png, curves.png and the latent-space figures in ``run_dir``
-    (fixed seed, test images): interpolations.png always; traversals.png when z is a vector;
-    latent_map.png and manifold.png when z has two dimensions."""
+def write_figures(
+    stage: files.Staged, model, dataset: data.Dataset, binarization: str, seed: int = 0
+) -> None:
+    """samples.png, reconstructions.png, curves.png and the latent-space figures of the run
+    folder ``stage`` writes into (fixed seed, test images): interpolations.png always;
+    traversals.png when z is a vector; latent_map.png and manifold.png when z has two
+    dimensions."""
     shape = data.IMAGE_SHAPE[dataset.name]
-    torch.manual_seed(seed)
-    plots.samples_figure(model, run_dir / plots.SAMPLES, shape)
+    with seeded(seed):
+        plots.samples_figure(model, stage.path(plots.SAMPLES), shape)
     x = data.eval_inputs(dataset.test, binarization)[:32]
-    plots.reconstructions_figure(model, x, run_dir / plots.RECONSTRUCTIONS, shape)
-    metrics = runs.read_metrics(run_dir)
+    plots.reconstructions_figure(model, x, stage.path(plots.RECONSTRUCTIONS), shape)
+    metrics = runs.read_metrics(stage.folder)
     if metrics:
-        plots.curves_figure(metrics, run_dir / plots.CURVES)
-    write_latent_figures(run_dir, model, dataset, binarization)
+        plots.curves_figure(metrics, stage.path(plots.CURVES))
+    write_latent_figures(stage, model, dataset, binarization)
 
 
 def traversal_order(run_dir: Path, z_dim: int) -> list[int]:
     """Latent dimensions by decreasing KL per dimension (eval.json), else by decreasing variance
     of the posterior mean, else in index order."""
-    eval_path = Path(run_dir) / EVAL_JSON
-    ev = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+    ev = read_results(Path(run_dir) / EVAL_JSON)
     for key in ("kl_per_dim", "posterior_mean_variance"):
         if len(ev.get(key, [])) == z_dim:
             return sorted(range(z_dim), key=lambda i: -ev[key][i])
@@ -49,23 +53,24 @@ def traversal_order(run_dir: Path, z_dim: int) -> list[int]:
 
 
 def write_latent_figures(
-    run_dir: Path, model, dataset: data.Dataset, binarization: str, max_traversals: int = 10
+    stage: files.Staged, model, dataset: data.Dataset, binarization: str, max_traversals: int = 10
 ) -> None:
     """Interpolations between test images, traversals of the first ``max_traversals``
     dimensions by KL, and for z_dim = 2 the latent map and the decoded manifold."""
     shape = data.IMAGE_SHAPE[dataset.name]
     x = data.eval_inputs(dataset.test, binarization)
-    plots.interpolations_figure(model, x[0:3], x[3:6], run_dir / plots.INTERPOLATIONS, shape)
+    plots.interpolations_figure(model, x[0:3], x[3:6], stage.path(plots.INTERPOLATIONS), shape)
     z = model.encode(x[:1])
     if z.dim() != 2:
         return
     z_dim = z.shape[1]
-    dims = traversal_order(run_dir, z_dim)[:max_traversals]
-    plots.traversals_figure(model, x, dims, run_dir / plots.TRAVERSALS, shape)
+    dims = traversal_order(stage.folder, z_dim)[:max_traversals]
+    plots.traversals_figure(model, x, dims, stage.path(plots.TRAVERSALS), shape)
     if z_dim == 2:
         n = min(5000, x.shape[0])
-        plots.latent_map_figure(model, x[:n], dataset.test.labels[:n], run_dir / plots.LATENT_MAP)
-        plots.manifold_figure(model, run_dir / plots.MANIFOLD, shape)
+        labels = dataset.test.labels[:n]
+        plots.latent_map_figure(model, x[:n], labels, stage.path(plots.LATENT_MAP))
+        plots.manifold_figure(model, stage.path(plots.MANIFOLD), shape)
 
 
 def markdown_table(rows: list[tuple[str, str]]) -> list[str]:
@@ -74,9 +79,39 @@ def markdown_table(rows: list[tuple[str, str]]) -> list[str]:
     return ["| quantity | value |", "|---|---|", *(f"| {a} | {b} |" for a, b in escaped)]
 
 
-def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) -> Path:
-    """Assemble ``report.md`` from config.json, metrics.csv, eval.json and the figures."""
+def read_results(path: Path) -> dict:
+    """eval.json or diagnostics.json of a run folder ({} when absent); damaged is an error."""
+    if not path.exists():
+        return {}
+    ev = runs.read_json(path, "rerun the command that writes it (ppl-vae evaluate or diagnose)")
+    if not isinstance(ev, dict):
+        raise RunDirError(f"{path}: not a table of results; rerun the command that writes it")
+    return ev
+
+
+def write_report(
+    run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION, stage: files.Staged | None = None
+) -> Path:
+    """Assemble ``report.md`` and ``report.html`` from config.json, metrics.csv, eval.json and
+    the figures (those of ``stage``, when given, not yet renamed into place)."""
     run_dir = Path(run_dir)
+    if stage is None:
+        with files.Staged(run_dir) as own:
+            return write_report(run_dir, samples_caption, own)
+    try:
+        lines = report_lines(run_dir, samples_caption, stage.location)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited results file
+        raise RunDirError(
+            f"{run_dir}: {EVAL_JSON} or {DIAGNOSTICS_JSON} lacks or mangles an entry "
+            f"({type(err).__name__}: {err}); rerun `ppl-vae evaluate` or `ppl-vae diagnose`"
+        ) from None
+    stage.write_text(REPORT, "\n".join(lines))
+    stage.write_text(REPORT_HTML, markdown_to_html("\n".join(lines), run_dir, stage.location))
+    return run_dir / REPORT
+
+
+def report_lines(run_dir: Path, samples_caption: str, where: Callable[[str], Path]) -> list[str]:
+    """The lines of report.md; ``where`` says where a file of the run folder can be read."""
     cfg = runs.read_config(run_dir)
     metrics = runs.read_metrics(run_dir)
     lines = [f"# Run `{run_dir.name}`", ""]
@@ -88,9 +123,8 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
         f"seed {cfg.train.seed}.",
         "",
     ]
-    eval_path = run_dir / EVAL_JSON
-    if eval_path.exists():
-        ev = json.loads(eval_path.read_text())
+    ev = read_results(where(EVAL_JSON))
+    if ev:
         lines += [
             f"## Results on the {ev['split']} set ({ev['images']} images)",
             "",
@@ -113,7 +147,7 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
         lines += [f"Note: {note}." for note in ev.get("notes", [])]
         lines.append("")
         lines += latent_units_section(ev)
-    lines += diagnostics_section(run_dir)
+    lines += diagnostics_section(where)
     if metrics:
         total = sum(r["seconds"] for r in metrics)
         # model-specific columns (codebook perplexity, KL weight, ...) follow the common ones
@@ -148,7 +182,7 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
         "",
         f"![reconstructions]({plots.RECONSTRUCTIONS})",
         "",
-        *latent_figures_section(run_dir),
+        *latent_figures_section(where),
         "## Config",
         "",
         "```json",
@@ -156,21 +190,21 @@ def write_report(run_dir: Path, samples_caption: str = DEFAULT_SAMPLES_CAPTION) 
         "```",
         "",
     ]
-    path = run_dir / REPORT
-    path.write_text("\n".join(lines))
-    (run_dir / REPORT_HTML).write_text(markdown_to_html("\n".join(lines), run_dir))
-    return path
+    return lines
 
 
 @torch.no_grad()
 def build_report(run_dir: Path, device: str = "auto", dataset: data.Dataset | None = None) -> Path:
     """Figures and report.md for a finished run folder."""
     torch_device = data.resolve_device(device)
+    runs.open_for_writing(run_dir, "the report and its figures")
     cfg, model, _ = runs.load_model(run_dir, torch_device)
     dataset = dataset or data.load(cfg.data, torch_device)
-    write_figures(Path(run_dir), model, dataset, cfg.data.binarization, cfg.train.seed)
     caption = model.samples_caption() if isinstance(model, SampleCaption) else None
-    return write_report(run_dir, caption or DEFAULT_SAMPLES_CAPTION)
+    # every figure and both reports are renamed into place together, once all are written
+    with files.Staged(Path(run_dir), "free space or fix the permissions, then rerun") as stage:
+        write_figures(stage, model, dataset, cfg.data.binarization, cfg.train.seed)
+        return write_report(run_dir, caption or DEFAULT_SAMPLES_CAPTION, stage)
 
 
 # ----------------------------------------------------------------------------- evaluation and
@@ -202,12 +236,12 @@ def latent_units_section(ev: dict) -> list[str]:
     return lines
 
 
-def diagnostics_section(run_dir: Path) -> list[str]:
-    """The numbers of diagnostics.json (``ppl-vae diagnose``) with their figures."""
-    path = Path(run_dir) / DIAGNOSTICS_JSON
-    if not path.exists():
+def diagnostics_section(where: Callable[[str], Path]) -> list[str]:
+    """The numbers of diagnostics.json (``ppl-vae diagnose``) with their figures; ``where``
+    says where a file of the run folder can be read."""
+    diag = read_results(where(DIAGNOSTICS_JSON))
+    if not diag:
         return []
-    diag = json.loads(path.read_text())
     lines = [
         "## Diagnostics of the guide",
         "",
@@ -227,9 +261,9 @@ def diagnostics_section(run_dir: Path) -> list[str]:
             rows.append((label, value))
     lines += markdown_table(rows)
     lines += ["", "The ± is the standard error over images.", ""]
-    if (Path(run_dir) / plots.KHAT).exists():
+    if where(plots.KHAT).exists():
         lines += [f"![k-hat histogram]({plots.KHAT})", ""]
-    if (Path(run_dir) / plots.POSTERIOR_PAIRS).exists():
+    if where(plots.POSTERIOR_PAIRS).exists():
         lines += [
             f"NUTS on p(z|x) ({diag.get('nuts_images', 0)} images, the trained decoder fixed) "
             "against q(z|x) and q*(z|x), the three latent dimensions of test image 0 that "
@@ -243,7 +277,7 @@ def diagnostics_section(run_dir: Path) -> list[str]:
     return lines
 
 
-def latent_figures_section(run_dir: Path) -> list[str]:
+def latent_figures_section(where: Callable[[str], Path]) -> list[str]:
     """The latent-space figures that :func:`write_latent_figures` drew."""
     captions = [
         (plots.INTERPOLATIONS, "Interpolations between test images: per pair a linear (upper) "
@@ -255,16 +289,16 @@ def latent_figures_section(run_dir: Path) -> list[str]:
     ]  # fmt: skip
     lines = []
     for name, caption in captions:
-        if (Path(run_dir) / name).exists():
+        if where(name).exists():
             lines += [f"{caption}:", "", f"![{name.removesuffix('.png')}]({name})", ""]
     return lines
 
 
-def _inline(text: str, run_dir: Path) -> str:
+def _inline(text: str, where: Callable[[str], Path]) -> str:
     """Inline markdown of report.md → HTML: images (embedded as base64), bold, code."""
     def image(match: re.Match) -> str:
         alt, src = match.group(1), match.group(2)
-        path = Path(run_dir) / src
+        path = where(src)
         if not path.exists():
             return html.escape(alt)
         encoded = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -296,9 +330,12 @@ h1, h2, h3 { border-bottom: 1px solid #eee; padding-bottom: 0.2rem; }
 """
 
 
-def markdown_to_html(markdown: str, run_dir: Path) -> str:
+def markdown_to_html(
+    markdown: str, run_dir: Path, where: Callable[[str], Path] | None = None
+) -> str:
     """The subset of markdown that report.md uses (headings, paragraphs, pipe tables, fenced
     code, images, bold, inline code) → one self-contained HTML page, images as data URIs."""
+    where = where or (lambda name: Path(run_dir) / name)
     body: list[str] = []
     lines = markdown.split("\n")
     i = 0
@@ -312,7 +349,7 @@ def markdown_to_html(markdown: str, run_dir: Path) -> str:
             i = end + 1
         elif heading := re.match(r"(#{1,6}) (.*)", line):
             level = len(heading.group(1))
-            body.append(f"<h{level}>{_inline(heading.group(2), run_dir)}</h{level}>")
+            body.append(f"<h{level}>{_inline(heading.group(2), where)}</h{level}>")
             i += 1
         elif line.startswith("|"):
             rows = []
@@ -326,7 +363,7 @@ def markdown_to_html(markdown: str, run_dir: Path) -> str:
                     continue
                 tag = "th" if n == 0 else "td"
                 table.append(
-                    "<tr>" + "".join(f"<{tag}>{_inline(c.strip(), run_dir)}</{tag}>" for c in row)
+                    "<tr>" + "".join(f"<{tag}>{_inline(c.strip(), where)}</{tag}>" for c in row)
                     + "</tr>"
                 )  # fmt: skip
             body.append("\n".join(table + ["</table>"]))
@@ -335,7 +372,7 @@ def markdown_to_html(markdown: str, run_dir: Path) -> str:
             while i < len(lines) and lines[i].strip() and not re.match(r"(#|\||```)", lines[i]):
                 paragraph.append(lines[i])
                 i += 1
-            body.append(f"<p>{_inline(' '.join(paragraph), run_dir)}</p>")
+            body.append(f"<p>{_inline(' '.join(paragraph), where)}</p>")
         else:
             i += 1
     title = html.escape(Path(run_dir).name)

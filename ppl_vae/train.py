@@ -11,6 +11,7 @@ continues from the last finished epoch.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -19,12 +20,13 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from ppl_vae import data, runs
-from ppl_vae.config import RunConfig, TrainConfig, to_dict
+from ppl_vae import data, files, runs
+from ppl_vae.config import RunConfig, TrainConfig, check_fits, to_dict
+from ppl_vae.errors import Diverged, RunDirError
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, make_elbo
 from ppl_vae.inference.recording import record
 from ppl_vae.inference.svi import SVIStep, run_svi
-from ppl_vae.metrics import neg_elbo
+from ppl_vae.metrics import neg_elbo, seeded
 from ppl_vae.models import build
 from ppl_vae.models.capabilities import AuxiliaryFit, AuxiliaryFits, TrainingHooks
 
@@ -71,36 +73,87 @@ def fit(
 ) -> Path:
     """Train a model with SVI and return its run folder.
 
+    Everything is checked (flags, data, the data against the model, and when resuming the
+    checkpoint against the config) before a file is written. A new run folder that fails before
+    its first epoch is finished is removed again; a non-finite loss stops training with
+    :class:`~ppl_vae.errors.Diverged`, keeping the last finite epoch's checkpoint.
+
     :param cfg: the run to start; ignored when ``resume`` is given.
     :param resume: a run folder to continue from its last finished epoch, with its saved config.
     :param epochs: when resuming, a new total number of epochs (default: the saved one).
     :param dataset: an already loaded dataset on the right device (tests and notebooks reuse one).
     """
     if resume is not None:
-        cfg = runs.read_config(resume)
+        run_dir = Path(resume)
+        cfg = runs.read_config(run_dir)
         if epochs is not None:
             cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
     cfg = cfg or RunConfig()
     device = data.resolve_device(cfg.train.device)
     seed_everything(cfg.train.seed)
-    dataset = dataset or data.load(cfg.data, device)  # fails before any file is written
+    dataset = dataset or data.load(cfg.data, device)
+    check_fits(cfg, dataset.train.num_pixels, dataset.files.get("train_images", dataset.name))
+    source, mode = data.train_source(cfg.data, dataset.train, len(dataset.val))
+    if cfg.train.progress:
+        where = Path(dataset.files["train_images"]).parent if dataset.files else dataset.name
+        tqdm.write(
+            f"data: {source.shape[0]} training, {len(dataset.val)} validation and "
+            f"{len(dataset.test)} test images from {where}"
+        )
 
     model = build(cfg.model).to(device)
     loss_fn = loss_module(model, cfg.objective, cfg.fast)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     batch_order = torch.Generator().manual_seed(cfg.train.seed)
-    start_epoch, step = 0, 0
+    start_epoch, step, rows, state = 0, 0, [], None
     if resume is None:
-        run_dir = runs.new_run_dir(cfg)
+        run_dir, created = runs.new_run_dir(cfg, data.source_record(dataset, cfg.data))
     else:
-        run_dir = Path(resume)
-        checkpoint = runs.load_checkpoint(run_dir, device)
-        runs.write_config(run_dir, cfg)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        start_epoch, step = checkpoint["epoch"], checkpoint["step"]
-        set_rng_state(checkpoint["rng"], batch_order)
-        runs.truncate_metrics(run_dir, start_epoch)
+        created = False
+        state = runs.load_checkpoint(run_dir, device, runs.RESUME_KEYS)
+        path = run_dir / runs.CHECKPOINT
+        runs.load_state(model, state["model"], path, "the model of config.json")
+        runs.load_state(optimizer, state["optimizer"], path, "the optimizer of config.json")
+        try:
+            start_epoch, step = int(state["epoch"]), int(state["step"])
+            set_rng_state(state["rng"], batch_order)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+            raise RunDirError(f"{path}: its epoch, step or random state is damaged") from None
+        rows = runs.history(state, run_dir)
+        files.remove_stale_temps(run_dir)
+        files.check_writable(run_dir, runs.disk_hint(run_dir))
+        if cfg != runs.read_config(run_dir):  # only --train.epochs may differ
+            runs.write_config(run_dir, cfg, runs.data_source(run_dir))
+    try:
+        state = _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode,
+                       run_dir, start_epoch, step, rows, state)  # fmt: skip
+    except BaseException:
+        if created and not (run_dir / runs.CHECKPOINT).exists():
+            files.remove_tree(run_dir)  # a new run that finished no epoch leaves nothing
+        raise
+    # Parts fitted on the trained model (a VQ-VAE's code prior) live in its state_dict: the
+    # checkpoint is rewritten with them.
+    model.eval()
+    fits = model.auxiliary_fits() if isinstance(model, AuxiliaryFits) else []
+    if fits and state is not None:
+        train_inputs = data.eval_inputs(dataset.train, cfg.data.binarization)
+        val_inputs = data.eval_inputs(dataset.val, cfg.data.binarization)
+        auxiliary: dict[str, float] = {}
+        for aux in fits:
+            auxiliary.update(
+                fit_auxiliary(aux, train_inputs, val_inputs, cfg.fast, cfg.train.progress)
+            )
+        if auxiliary:
+            runs.save_epoch(run_dir, {**state, "model": model.state_dict()}, state["history"])
+            if cfg.train.progress:
+                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in auxiliary.items()))
+    return run_dir
+
+
+def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, run_dir,
+           start_epoch, step, rows, state):  # fmt: skip
+    """The epochs ``start_epoch .. cfg.train.epochs`` of :func:`fit`; returns the last
+    checkpoint state written (``state`` when no epoch was left to run)."""
     if cfg.fast:
         loss_fn = record(loss_fn, model)  # replayed where that is exact (inference.recording)
     train_step = SVIStep(loss_fn, optimizer, cfg.fast)  # validates its first step
@@ -112,7 +165,6 @@ def fit(
             hooks.on_train_step(step)  # step-dependent schedules (KL warm-up), code revival
         step += 1
 
-    source, mode = data.train_source(cfg.data, dataset.train)
     val_inputs = data.eval_inputs(dataset.val, cfg.data.binarization)
     n_train = source.shape[0]
     steps_per_epoch = data.num_batches(n_train, cfg.train.batch_size)
@@ -132,10 +184,12 @@ def fit(
             progress=cfg.train.progress,
         )
         train_loss = total.item() / n_train  # the one host sync of the epoch
-        SVIStep.check_finite(train_loss, f"epoch {epoch + 1}")
         seconds = time.perf_counter() - started
         model.eval()
         val_loss = neg_elbo(model, val_inputs, cfg.objective, cfg.eval.batch_size, cfg.fast)
+        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
+            kept = state["epoch"] if state is not None else None
+            raise diverged(run_dir, epoch + 1, step, train_loss, val_loss, kept)
         row = {
             "epoch": epoch + 1,
             "train_neg_elbo": round(train_loss, 4),
@@ -146,41 +200,40 @@ def fit(
             # model-specific columns (codebook usage, KL weight)
             **(hooks.epoch_metrics() if hooks is not None else {}),
         }
-        runs.append_metrics(run_dir, row)
-        runs.save_checkpoint(
-            run_dir,
-            {
-                "config": to_dict(cfg),
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "rng": rng_state(batch_order),
-            },
-        )
+        rows = [*rows, row]
+        state = {
+            "config": to_dict(cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch + 1,
+            "step": step,
+            "rng": rng_state(batch_order),
+        }
+        runs.save_epoch(run_dir, state, rows)
+        state["history"] = rows
         if cfg.train.progress:
             tqdm.write(
                 f"epoch {epoch + 1:>4}  train -ELBO {train_loss:9.3f}  val -ELBO {val_loss:9.3f}"
                 f"  {seconds:6.1f}s  {n_train / seconds:8.0f} img/s"
             )
-    # Parts fitted on the trained model (a VQ-VAE's code prior) live in its state_dict: the
-    # checkpoint is rewritten with them.
-    model.eval()
-    fits = model.auxiliary_fits() if isinstance(model, AuxiliaryFits) else []
-    if fits:
-        train_inputs = data.eval_inputs(dataset.train, cfg.data.binarization)
-        auxiliary: dict[str, float] = {}
-        for aux in fits:
-            auxiliary.update(
-                fit_auxiliary(aux, train_inputs, val_inputs, cfg.fast, cfg.train.progress)
-            )
-        if auxiliary:
-            checkpoint = runs.load_checkpoint(run_dir, device)
-            checkpoint["model"] = model.state_dict()
-            runs.save_checkpoint(run_dir, checkpoint)
-            if cfg.train.progress:
-                tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in auxiliary.items()))
-    return run_dir
+    return state
+
+
+def diverged(run_dir: Path, epoch: int, step: int, train_loss: float, val_loss: float,
+             kept_epoch: int | None) -> Diverged:  # fmt: skip
+    """The one-line error of a non-finite loss in ``epoch`` (nothing of that epoch is saved)."""
+    which = (
+        f"train -ELBO {train_loss}" if not math.isfinite(train_loss) else f"val -ELBO {val_loss}"
+    )
+    kept = (
+        f"the checkpoint of epoch {kept_epoch} is kept in {run_dir}"
+        if kept_epoch is not None
+        else "no epoch finished, so the run folder is removed"
+    )
+    return Diverged(
+        f"training diverged in epoch {epoch} (by step {step}): {which}; {kept}; "
+        "lower --train.lr or use another --objective"
+    )
 
 
 def fit_auxiliary(
@@ -195,6 +248,17 @@ def fit_auxiliary(
     numbers."""
     with torch.no_grad():
         train_data, val_data = aux.data(train_inputs), aux.data(val_inputs)
+    # A fresh, seeded start on a forked random stream: the fit depends on the trained model
+    # only (a resumed run refits from scratch, as an uninterrupted one fits once) and leaves
+    # training's random state alone.
+    with seeded(0, train_data.device):
+        for layer in aux.module.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        return _fit_auxiliary(aux, train_data, val_data, fast, progress)
+
+
+def _fit_auxiliary(aux, train_data, val_data, fast, progress) -> dict[str, float]:
     elbo = make_elbo(ObjectiveConfig("trace"), fast, aux.module.parameters())
     optimizer = torch.optim.Adam(aux.module.parameters(), lr=aux.lr)
     step = SVIStep(elbo(aux.model, aux.guide), optimizer, fast)

@@ -64,7 +64,7 @@ def test_evaluate_sample_and_report_rebuild_from_the_run_folder(cli_run, tmp_pat
             "--data.data-dir /no/such/dir: no such directory",
         ),
         (["train", "--train.epochs", "0"], "--train.epochs must be a positive integer (got 0)"),
-        (["train", "--train.lr", "abc"], "argument --train.lr: invalid float value: 'abc'"),
+        (["train", "--train.lr", "abc"], "argument --train.lr: 'abc' is not a number"),
         (["train", "--model.activation", "swish"], "argument --model.activation: invalid choice"),
         (["train", "--resume", "/no/run", "--model.z-dim", "3"], "--resume uses the saved config"),
         (["evaluate", "/no/run"], "/no/run/config.json: not found"),

@@ -40,6 +40,6 @@ def test_configs_are_frozen_and_unknown_fields_are_rejected():
         cfg.train.epochs = 3  # type: ignore[misc]
     data = to_dict(cfg)
     data["train"]["epochz"] = 3
-    with pytest.raises(ConfigError, match=r"TrainConfig: unknown field\(s\) \['epochz'\]"):
+    with pytest.raises(ConfigError, match=r"train: unknown field\(s\) \['epochz'\] of TrainConfig"):
         from_dict(RunConfig, data)
     assert with_model(cfg, "vae") is cfg
