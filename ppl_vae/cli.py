@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from ppl_vae import data, diagnostics, evaluate, files, models, plots, report, runs, train
 from ppl_vae.config import PRESETS, EvalConfig, RunConfig, preset, with_model
-from ppl_vae.errors import UserError
+from ppl_vae.errors import ConfigError, UserError
 from ppl_vae.metrics import format_results, seeded
 
 PROG = "ppl-vae"
@@ -284,14 +284,18 @@ def cmd_evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.images < 0:
         parser.error(f"argument --images: must be >= 0 (got {args.images})")
-    saved = runs.read_config(args.run_dir).eval
-    if args.reference_vae is not None:
-        runs.read_config(args.reference_vae)  # a missing folder is a one-line error
     given = {
         f.name: getattr(args, f.name)
         for f in dataclasses.fields(EvalConfig)
         if getattr(args, f.name) is not None
     }
+    try:  # the flags first, named as given here (--k, not train's --eval.k)
+        replace(EvalConfig(), **given)
+    except ConfigError as err:
+        raise ConfigError(str(err).replace("--eval.", "--")) from None
+    saved = runs.read_config(args.run_dir).eval
+    if args.reference_vae is not None:
+        runs.read_config(args.reference_vae)  # a missing folder is a one-line error
     eval_cfg = replace(saved, **{"k": evaluate.EVALUATE_K, **given})
     results = evaluate.evaluate_run(
         args.run_dir,
@@ -400,17 +404,18 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"usage: {PROG} COMMAND [options]   ({PROG} COMMAND --help for each)", ""]
-        lines += [f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items()]
-        if argv and argv[0] not in ("-h", "--help"):
-            print(
-                f"{PROG}: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}",
-                file=sys.stderr,
-            )
-            return 2
-        print("\n".join(lines))
-        return 0 if argv else 2
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            lines = [f"usage: {PROG} COMMAND [options]   ({PROG} COMMAND --help for each)", ""]
+            lines += [f"  {name:<9} {doc}" for name, (_, doc) in COMMANDS.items()]
+            print("\n".join(lines))
+            return 0
+        what = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(
+            f"{PROG}: error: {what}; choose one of {', '.join(COMMANDS)} (see {PROG} --help)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return COMMANDS[argv[0]][0](argv[1:])
     except UserError as err:

@@ -23,7 +23,7 @@ from ppl_vae.data import DataConfig
 from ppl_vae.errors import ConfigError, check
 from ppl_vae.inference.objectives import ObjectiveConfig
 from ppl_vae.metrics import EvalConfig
-from ppl_vae.models import ModelConfig, VAEConfig, config_class
+from ppl_vae.models import REGISTRY, ModelConfig, VAEConfig, config_class
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,8 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         try:
             cls = config_class(kind)
         except (KeyError, ConfigError, TypeError):
-            raise ConfigError(f"{where}kind: unknown model {_shown(kind)}") from None
+            found = f"unknown model {_shown(kind)}" if kind != "" else "missing"
+            raise ConfigError(f"{where}kind: {found}; one of {', '.join(REGISTRY)}") from None
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -210,9 +211,13 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong
-        if not math.isfinite(value):
-            raise ConfigError(f"{where}: must be a finite number (got {value})")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the range of floats
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: must be a finite number (got {_shown(value)})")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise wrong

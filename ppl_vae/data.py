@@ -70,11 +70,17 @@ class DataConfig:
         check(self.train_subset >= 0, "--data.train-subset", ">= 0", self.train_subset)
         check(self.val_size >= 0, "--data.val-size", ">= 0", self.val_size)
         if self.data_dir is not None:  # stored absolute: evaluate works from any folder
-            object.__setattr__(self, "data_dir", Path(self.data_dir).expanduser().absolute())
+            try:
+                folder = Path(self.data_dir).expanduser()
+            except RuntimeError:  # ~user of a user this system does not know
+                raise ConfigError(
+                    f"--data.data-dir {self.data_dir}: unknown user's home folder; pass a path"
+                ) from None
+            object.__setattr__(self, "data_dir", folder.absolute())
 
     def split_sizes(self, n: int, source: Path | str) -> tuple[int, int]:
         """(training, validation) images out of a training file of ``n``; a split that leaves
-        either empty, or a subset larger than the training split, is a user error."""
+        either empty is a user error."""
         if n < 2:
             raise DataError(
                 f"{source}: holds {n} training image(s); at least 2 are needed (one for "
@@ -174,9 +180,8 @@ def locate(cfg: DataConfig) -> dict[str, Path]:
     if cfg.data_dir is not None:
         folder = Path(cfg.data_dir).expanduser()
         if not folder.is_dir():
-            raise DataError(
-                f"--data.data-dir {folder}: no such directory; {how_to_get(cfg.dataset)}"
-            )
+            what = "is a file, not a folder" if folder.exists() else "no such directory"
+            raise DataError(f"--data.data-dir {folder}: {what}; {how_to_get(cfg.dataset)}")
         for sub in (folder, folder / tv_name / "raw"):
             files = find_idx_files(sub)
             if files is not None:
@@ -212,7 +217,8 @@ def download(dataset: str) -> dict[str, Path]:
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError
             if created:  # the topmost folder this call made
                 shutil.rmtree(created[0], ignore_errors=True)
-            reason = " ".join(str(err).split())[:160] or type(err).__name__
+            reason = " ".join(str(err).split()) or type(err).__name__
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."
             raise DataError(
                 f"{dataset}: not found locally and the download into {root} failed ({reason}); "
                 f"{how_to_get(dataset)}"
@@ -228,12 +234,13 @@ def download(dataset: str) -> dict[str, Path]:
 # ----------------------------------------------------------------------------- splits
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is a user error."""
+def resolve_device(name: str, flag: str = "--device") -> torch.device:
+    """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is a user error naming
+    ``flag``, the option that chose it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible; use auto or cpu")
+        raise ConfigError(f"{flag} cuda: no CUDA device is visible; use auto or cpu")
     return torch.device(name)
 
 

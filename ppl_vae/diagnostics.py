@@ -115,13 +115,15 @@ class DiagnoseConfig:
 # ----------------------------------------------------------------------------- what applies
 
 
-def check_density_guide(model, x: torch.Tensor) -> None:
-    """Raise :class:`ConfigError` unless q(z|x) has a density over a vector z."""
+def check_density_guide(model, x: torch.Tensor, where: str | Path = "") -> None:
+    """Raise :class:`ConfigError` unless q(z|x) has a density over a vector z; ``where`` (the
+    run folder) starts the message."""
     facts = ProgramFacts.of(model, x[:1])
     if not (DENSITY_GUIDE.holds(model, facts) and VECTOR_LATENT.holds(model, facts)):
+        prefix = f"{where}: " if where else ""
         raise ConfigError(
-            f"{type(model).__name__}: q(z|x) is a point mass (or z is not a vector), so it has "
-            "no importance weights, k-hat or gaps; diagnose a model with a density guide (vae)"
+            f"{prefix}{type(model).__name__}: q(z|x) is a point mass (or z is not a vector), so it "
+            "has no importance weights, k-hat or gaps; diagnose a model with a density guide (vae)"
         )
 
 
@@ -431,7 +433,7 @@ def _diagnose(stage, cfg, device, progress, dataset) -> dict[str, Any]:
     run_cfg, model, _ = runs.load_model(run_dir, torch_device)
     dataset = dataset or data.load(run_cfg.data, torch_device)
     inputs = data.eval_inputs(dataset.test, run_cfg.data.binarization)
-    check_density_guide(model, inputs)
+    check_density_guide(model, inputs, run_dir)
     az = _arviz()
 
     # k-hat of the importance weights

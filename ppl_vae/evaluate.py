@@ -60,6 +60,18 @@ def evaluate_run(
     inputs = data.eval_inputs(getattr(dataset, split), cfg.data.binarization)
     if images:
         inputs = inputs[:images]
+    if reference_dir is not None:  # checked before the evaluation, which takes a while
+        ref_cfg, reference, _ = runs.load_model(reference_dir, torch_device)
+        if ref_cfg.data.binarization != cfg.data.binarization:
+            raise RunDirError(
+                f"--reference-vae {reference_dir}: the reference was trained with "
+                f"--data.binarization {ref_cfg.data.binarization}, this run with "
+                f"{cfg.data.binarization}; pass a reference trained on the same inputs"
+            )
+        if not DENSITY_GUIDE.holds(reference, ProgramFacts.of(reference, inputs[:2])):
+            raise RunDirError(
+                f"--reference-vae {reference_dir}: needs {DENSITY_GUIDE.name}; pass a VAE run"
+            )
     results = {
         "split": split,
         "images": inputs.shape[0],
@@ -68,14 +80,6 @@ def evaluate_run(
         **evaluate_model(model, inputs, eval_cfg, progress, fast),
     }
     if reference_dir is not None:
-        ref_cfg, reference, _ = runs.load_model(reference_dir, torch_device)
-        if ref_cfg.data.binarization != cfg.data.binarization:
-            raise RunDirError(
-                f"{reference_dir}: the reference was trained with --data.binarization "
-                f"{ref_cfg.data.binarization}, this run with {cfg.data.binarization}"
-            )
-        if not DENSITY_GUIDE.holds(reference, ProgramFacts.of(reference, inputs[:2])):
-            raise RunDirError(f"--reference-vae {reference_dir}: needs {DENSITY_GUIDE.name}")
         results["reference"] = str(reference_dir)
         with seeded(eval_cfg.seed, torch_device):
             results.update(

@@ -18,7 +18,7 @@ import errno
 import io
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 from ppl_vae.errors import UserError
@@ -56,15 +56,8 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
 
 
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
+def fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename in it), to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -113,14 +106,18 @@ class Staged:
             raise os_error(err, self.folder / name, self.hint) from None
 
     def commit(self) -> None:
+        where = self.folder  # named by the error: the file being synced or renamed
         try:
-            for tmp in self.files.values():
-                fsync_file(tmp)
             for name, tmp in self.files.items():
-                os.replace(tmp, self.folder / name)
-            fsync_dir(self.folder)
+                where = self.folder / name
+                fsync(tmp)
+            for name, tmp in self.files.items():
+                where = self.folder / name
+                os.replace(tmp, where)
+            where = self.folder
+            fsync(self.folder)
         except OSError as err:
-            raise os_error(err, self.folder, self.hint) from None
+            raise os_error(err, where, self.hint) from None
         self.files.clear()
 
     def discard(self) -> None:
@@ -205,17 +202,17 @@ def check_writable(folder: Path, what: str) -> None:
         raise os_error(err, folder, what) from None
 
 
-@contextlib.contextmanager
-def created_folder(path: Path) -> Iterator[Path]:
-    """Remove ``path`` again (and what is in it) if the block fails, when it did not exist
-    before; an existing folder is left alone."""
-    existed = path.exists()
-    try:
-        yield path
-    except BaseException:
-        if not existed:
-            remove_tree(path)
-        raise
+def remove_created(path: Path, top: Path) -> None:
+    """Remove the folder ``path``, then its parents up to ``top`` while they are empty (another
+    process may have put something there meanwhile)."""
+    remove_tree(path)
+    folder, top = Path(path).absolute().parent, Path(top).absolute()
+    while folder == top or top in folder.parents:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+        folder = folder.parent
 
 
 def remove_tree(path: Path) -> None:

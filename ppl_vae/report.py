@@ -55,11 +55,15 @@ def traversal_order(run_dir: Path, z_dim: int) -> list[int]:
 def write_latent_figures(
     stage: files.Staged, model, dataset: data.Dataset, binarization: str, max_traversals: int = 10
 ) -> None:
-    """Interpolations between test images, traversals of the first ``max_traversals``
-    dimensions by KL, and for z_dim = 2 the latent map and the decoded manifold."""
+    """Interpolations between (up to three pairs of) test images, traversals of the first
+    ``max_traversals`` dimensions by KL, and for z_dim = 2 the latent map and the decoded
+    manifold."""
     shape = data.IMAGE_SHAPE[dataset.name]
     x = data.eval_inputs(dataset.test, binarization)
-    plots.interpolations_figure(model, x[0:3], x[3:6], stage.path(plots.INTERPOLATIONS), shape)
+    pairs = min(3, x.shape[0] // 2)  # a test file of a few images has fewer pairs, or none
+    if pairs:
+        start, end = x[:pairs], x[pairs : 2 * pairs]
+        plots.interpolations_figure(model, start, end, stage.path(plots.INTERPOLATIONS), shape)
     z = model.encode(x[:1])
     if z.dim() != 2:
         return
@@ -98,16 +102,22 @@ def write_report(
     if stage is None:
         with files.Staged(run_dir) as own:
             return write_report(run_dir, samples_caption, own)
+    lines = checked_lines(run_dir, samples_caption, stage.location)
+    stage.write_text(REPORT, "\n".join(lines))
+    stage.write_text(REPORT_HTML, markdown_to_html("\n".join(lines), run_dir, stage.location))
+    return run_dir / REPORT
+
+
+def checked_lines(run_dir: Path, samples_caption: str, where: Callable[[str], Path]) -> list[str]:
+    """:func:`report_lines`, with a results file that lacks or mangles an entry as a one-line
+    error."""
     try:
-        lines = report_lines(run_dir, samples_caption, stage.location)
+        return report_lines(run_dir, samples_caption, where)
     except (KeyError, TypeError, ValueError, AttributeError) as err:  # a hand-edited results file
         raise RunDirError(
             f"{run_dir}: {EVAL_JSON} or {DIAGNOSTICS_JSON} lacks or mangles an entry "
             f"({type(err).__name__}: {err}); rerun `ppl-vae evaluate` or `ppl-vae diagnose`"
         ) from None
-    stage.write_text(REPORT, "\n".join(lines))
-    stage.write_text(REPORT_HTML, markdown_to_html("\n".join(lines), run_dir, stage.location))
-    return run_dir / REPORT
 
 
 def report_lines(run_dir: Path, samples_caption: str, where: Callable[[str], Path]) -> list[str]:
@@ -196,13 +206,16 @@ def report_lines(run_dir: Path, samples_caption: str, where: Callable[[str], Pat
 @torch.no_grad()
 def build_report(run_dir: Path, device: str = "auto", dataset: data.Dataset | None = None) -> Path:
     """Figures and report.md for a finished run folder."""
+    run_dir = Path(run_dir)
     torch_device = data.resolve_device(device)
     runs.open_for_writing(run_dir, "the report and its figures")
+    # metrics.csv, eval.json and diagnostics.json are checked before any figure is drawn
+    checked_lines(run_dir, DEFAULT_SAMPLES_CAPTION, lambda name: run_dir / name)
     cfg, model, _ = runs.load_model(run_dir, torch_device)
     dataset = dataset or data.load(cfg.data, torch_device)
     caption = model.samples_caption() if isinstance(model, SampleCaption) else None
     # every figure and both reports are renamed into place together, once all are written
-    with files.Staged(Path(run_dir), "free space or fix the permissions, then rerun") as stage:
+    with files.Staged(run_dir, "free space or fix the permissions, then rerun") as stage:
         write_figures(stage, model, dataset, cfg.data.binarization, cfg.train.seed)
         return write_report(run_dir, caption or DEFAULT_SAMPLES_CAPTION, stage)
 

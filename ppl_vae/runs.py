@@ -16,6 +16,7 @@ import io
 import json
 import os
 import pickle
+import zipfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -38,17 +39,23 @@ def disk_hint(run_dir: Path) -> str:
     return f"free space or fix the permissions, then `ppl-vae train --resume {run_dir}`"
 
 
-def new_run_dir(cfg: RunConfig, data_source: dict | None = None) -> tuple[Path, bool]:
-    """Claim ``runs_dir/name`` and write its ``config.json``; returns the folder and whether
-    this call created it. The default name ``<kind>-<date>-<time>`` gets a ``-2``, ``-3``, ...
-    when another run holds it; a given ``--name`` that is taken is an error."""
+def new_run_dir(cfg: RunConfig, data_source: dict | None = None) -> tuple[Path, Path | None]:
+    """Claim ``runs_dir/name`` and write its ``config.json``; returns the folder and the topmost
+    folder this call created (the run folder, or a missing ``--runs-dir`` above it; None when it
+    took an existing empty folder), which a run that fails before its first epoch removes. The
+    default name ``<kind>-<date>-<time>`` gets a ``-2``, ``-3``, ... when another run holds it;
+    a given ``--name`` that is taken is an error."""
     runs_dir = Path(cfg.runs_dir)
+    if runs_dir.exists() and not runs_dir.is_dir():  # (mkdir would say "already exists")
+        raise RunDirError(f"--runs-dir {runs_dir}: is a file, not a folder; pass a folder")
+    top_missing = next(
+        (p for p in reversed([runs_dir.absolute(), *runs_dir.absolute().parents])
+         if not p.exists()), None,
+    )  # fmt: skip
     try:
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise files.os_error(err, runs_dir, "pass a writable folder as --runs-dir") from None
-    if not runs_dir.is_dir():
-        raise RunDirError(f"--runs-dir {runs_dir}: is a file, not a folder; pass a folder")
     files.check_writable(runs_dir, "pass a writable folder as --runs-dir")
     base = cfg.name or f"{cfg.model.kind}-{datetime.now():%Y%m%d-%H%M%S}"
     payload = config_text(cfg, data_source).encode()
@@ -56,7 +63,7 @@ def new_run_dir(cfg: RunConfig, data_source: dict | None = None) -> tuple[Path, 
         run_dir = runs_dir / (base if attempt == 1 else f"{base}-{attempt}")
         claimed, created = _claim(run_dir, payload)
         if claimed:
-            return run_dir, created
+            return run_dir, (top_missing or run_dir) if created else None
         if cfg.name:
             raise RunDirError(
                 f"{run_dir} already exists and is not empty; pass another --name, "
@@ -80,7 +87,7 @@ def _claim(run_dir: Path, payload: bytes) -> tuple[bool, bool]:
     tmp = files.temp_path(run_dir / CONFIG)
     try:
         tmp.write_bytes(payload)
-        files.fsync_file(tmp)
+        files.fsync(tmp)
         os.link(tmp, run_dir / CONFIG)
     except FileExistsError:
         return False, created
@@ -90,7 +97,7 @@ def _claim(run_dir: Path, payload: bytes) -> tuple[bool, bool]:
         raise files.os_error(err, run_dir, "pass a writable folder as --runs-dir") from None
     finally:
         tmp.unlink(missing_ok=True)
-    files.fsync_dir(run_dir)
+    files.fsync(run_dir)
     return True, created
 
 
@@ -119,6 +126,10 @@ def read_json(path: Path, what: str) -> Any:
         raise RunDirError(
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}); {what}"
         ) from None
+    except RecursionError:
+        raise RunDirError(f"{path}: not valid JSON (nested too deeply); {what}") from None
+    except ValueError:  # an integer of more digits than int() converts (4300)
+        raise RunDirError(f"{path}: not valid JSON (a number of too many digits); {what}") from None
 
 
 def read_saved_config(run_dir: Path) -> dict[str, Any]:
@@ -191,6 +202,11 @@ def load_checkpoint(
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError:
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; these are bytes
+            raise RunDirError(
+                f"{path}: not a readable checkpoint (not the zip archive torch.save writes); it "
+                "is damaged or was not written by `ppl-vae train`"
+            ) from None
         raise RunDirError(
             f"{path}: refused: it holds objects other than tensors and plain values, which "
             "ppl-vae never writes (loading them could run code); use a checkpoint written by "
@@ -200,6 +216,7 @@ def load_checkpoint(
         raise files.os_error(err, path, "") from None
     except Exception as err:  # a damaged zip or pickle stream comes in many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first.split(". ")[0]  # torch's first sentence; the rest is advice for developers
         raise RunDirError(
             f"{path}: not a readable checkpoint ({first[:120]}); it is damaged or was not "
             "written by `ppl-vae train`"
@@ -219,6 +236,8 @@ def load_state(module: torch.nn.Module, state: dict[str, Any], path: Path, what:
     """``module.load_state_dict(state)`` with a one-line error when they do not fit."""
     try:
         module.load_state_dict(state)
+        if isinstance(module, torch.optim.Optimizer):
+            check_optimizer_shapes(module)
     except (RuntimeError, KeyError, TypeError, ValueError) as err:
         first = str(err).strip().splitlines()
         detail = next(
@@ -228,6 +247,26 @@ def load_state(module: torch.nn.Module, state: dict[str, Any], path: Path, what:
             f"{path}: does not fit {what} ({detail[:160]}); the checkpoint belongs to another "
             "model or config.json was edited"
         ) from None
+    if isinstance(module, torch.nn.Module):  # training never saves a diverged epoch
+        for name, param in module.named_parameters():
+            if not torch.isfinite(param).all():
+                raise RunDirError(
+                    f"{path}: its {name} holds NaN or infinite values; it is damaged or was not "
+                    "written by `ppl-vae train`"
+                )
+
+
+def check_optimizer_shapes(optimizer: torch.optim.Optimizer) -> None:
+    """An optimizer's ``load_state_dict`` checks the number of parameters, not their shapes: a
+    state of another model would fail only at its first step, half way into training."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != param.shape:
+                    raise ValueError(
+                        f"its {name} has shape {tuple(value.shape)} where the parameter has "
+                        f"{tuple(param.shape)}"
+                    )
 
 
 def load_model(
@@ -273,9 +312,19 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 def history(checkpoint: dict[str, Any], run_dir: Path) -> list[dict[str, Any]]:
     """The metrics rows up to the checkpoint's epoch: the checkpoint's own copy, or (a
     checkpoint written before it held one) the rows of metrics.csv."""
-    if "history" in checkpoint:
-        rows = list(checkpoint["history"])
-    else:
+    if "history" not in checkpoint:
         rows = read_metrics(run_dir)
+    else:
+        rows = checkpoint["history"]
+        numbers = isinstance(rows, list) and all(
+            isinstance(r, dict) and "epoch" in r
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in r.values())
+            for r in rows
+        )  # fmt: skip
+        if not numbers:
+            raise RunDirError(
+                f"{Path(run_dir) / CHECKPOINT}: its history is damaged (rows of numbers with an "
+                "epoch are expected); use a checkpoint written by `ppl-vae train`"
+            )
     rows = [r for r in rows if r["epoch"] <= checkpoint["epoch"]]
     return [{k: (int(v) if k == "epoch" else v) for k, v in r.items()} for r in rows]

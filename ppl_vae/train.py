@@ -12,6 +12,7 @@ continues from the last finished epoch.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ppl_vae import data, files, runs
 from ppl_vae.config import RunConfig, TrainConfig, check_fits, to_dict
-from ppl_vae.errors import Diverged, RunDirError
+from ppl_vae.errors import Diverged, RunDirError, UserError
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, make_elbo
 from ppl_vae.inference.recording import record
 from ppl_vae.inference.svi import SVIStep, run_svi
@@ -31,6 +32,10 @@ from ppl_vae.models import build
 from ppl_vae.models.capabilities import AuxiliaryFit, AuxiliaryFits, TrainingHooks
 
 BURDA_STAGES = 8
+NOTHING_TO_RESUME = (
+    "free space or fix the permissions, then train again (no epoch was saved, so the run "
+    "folder is removed)"
+)
 
 
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
@@ -89,27 +94,13 @@ def fit(
         if epochs is not None:
             cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
     cfg = cfg or RunConfig()
-    device = data.resolve_device(cfg.train.device)
+    device = data.resolve_device(cfg.train.device, "--train.device")
     seed_everything(cfg.train.seed)
-    dataset = dataset or data.load(cfg.data, device)
-    check_fits(cfg, dataset.train.num_pixels, dataset.files.get("train_images", dataset.name))
-    source, mode = data.train_source(cfg.data, dataset.train, len(dataset.val))
-    if cfg.train.progress:
-        where = Path(dataset.files["train_images"]).parent if dataset.files else dataset.name
-        tqdm.write(
-            f"data: {source.shape[0]} training, {len(dataset.val)} validation and "
-            f"{len(dataset.test)} test images from {where}"
-        )
-
     model = build(cfg.model).to(device)
-    loss_fn = loss_module(model, cfg.objective, cfg.fast)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     batch_order = torch.Generator().manual_seed(cfg.train.seed)
     start_epoch, step, rows, state = 0, 0, [], None
-    if resume is None:
-        run_dir, created = runs.new_run_dir(cfg, data.source_record(dataset, cfg.data))
-    else:
-        created = False
+    if resume is not None:  # the checkpoint is checked against the config before the data
         state = runs.load_checkpoint(run_dir, device, runs.RESUME_KEYS)
         path = run_dir / runs.CHECKPOINT
         runs.load_state(model, state["model"], path, "the model of config.json")
@@ -122,14 +113,31 @@ def fit(
         rows = runs.history(state, run_dir)
         files.remove_stale_temps(run_dir)
         files.check_writable(run_dir, runs.disk_hint(run_dir))
-        if cfg != runs.read_config(run_dir):  # only --train.epochs may differ
-            runs.write_config(run_dir, cfg, runs.data_source(run_dir))
+    dataset = dataset or data.load(cfg.data, device)
+    check_fits(cfg, dataset.train.num_pixels, dataset.files.get("train_images", dataset.name))
+    source, mode = data.train_source(cfg.data, dataset.train, len(dataset.val))
+    if cfg.train.progress:
+        where = Path(dataset.files["train_images"]).parent if dataset.files else dataset.name
+        tqdm.write(
+            f"data: {source.shape[0]} training, {len(dataset.val)} validation and "
+            f"{len(dataset.test)} test images from {where}"
+        )
+
+    loss_fn = loss_module(model, cfg.objective, cfg.fast)
+    created = None  # the topmost folder a new run created, removed if no epoch finishes
+    if resume is None:
+        run_dir, created = runs.new_run_dir(cfg, data.source_record(dataset, cfg.data))
+    elif cfg != runs.read_config(run_dir):  # only --train.epochs may differ
+        runs.write_config(run_dir, cfg, runs.data_source(run_dir))
     try:
         state = _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode,
                        run_dir, start_epoch, step, rows, state)  # fmt: skip
-    except BaseException:
-        if created and not (run_dir / runs.CHECKPOINT).exists():
-            files.remove_tree(run_dir)  # a new run that finished no epoch leaves nothing
+    except BaseException as err:
+        if created is not None and not (run_dir / runs.CHECKPOINT).exists():
+            files.remove_created(run_dir, created)  # a run that finished no epoch leaves nothing
+            hint = runs.disk_hint(run_dir)  # a disk error's "then --resume RUN_DIR"
+            if isinstance(err, UserError) and hint in str(err):
+                raise type(err)(str(err).replace(hint, NOTHING_TO_RESUME)) from None
         raise
     # Parts fitted on the trained model (a VQ-VAE's code prior) live in its state_dict: the
     # checkpoint is rewritten with them.
@@ -175,21 +183,30 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
         model.train()
         started = time.perf_counter()
         batches = data.batches(source, cfg.train.batch_size, batch_order)
-        total = run_svi(
-            train_step,
-            (data.to_input(images, mode) for images in batches),
-            before_step=before_step,
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-            progress=cfg.train.progress,
-        )
-        train_loss = total.item() / n_train  # the one host sync of the epoch
-        seconds = time.perf_counter() - started
-        model.eval()
-        val_loss = neg_elbo(model, val_inputs, cfg.objective, cfg.eval.batch_size, cfg.fast)
-        if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            kept = state["epoch"] if state is not None else None
-            raise diverged(run_dir, epoch + 1, step, train_loss, val_loss, kept)
+        kept = state["epoch"] if state is not None else None
+        try:
+            total = run_svi(
+                train_step,
+                (data.to_input(images, mode) for images in batches),
+                before_step=before_step,
+                total=steps_per_epoch,
+                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                progress=cfg.train.progress,
+            )
+            train_loss = total.item() / n_train  # the one host sync of the epoch
+            seconds = time.perf_counter() - started
+            if not math.isfinite(train_loss):  # before the validation's checks see NaN weights
+                raise diverged(run_dir, epoch + 1, step, f"train -ELBO {train_loss}", kept)
+            model.eval()
+            val_loss = neg_elbo(model, val_inputs, cfg.objective, cfg.eval.batch_size, cfg.fast)
+        except ValueError as err:
+            # Pyro's validation (every step under --no-fast) meets NaN/inf distribution
+            # arguments: divergence when trained weights give a non-finite loss, else a bug.
+            if step <= 1 or math.isfinite(unchecked_loss(model, val_inputs, cfg)):
+                raise
+            raise diverged(run_dir, epoch + 1, step, invalid_values(err), kept) from None
+        if not math.isfinite(val_loss):
+            raise diverged(run_dir, epoch + 1, step, f"val -ELBO {val_loss}", kept)
         row = {
             "epoch": epoch + 1,
             "train_neg_elbo": round(train_loss, 4),
@@ -219,12 +236,9 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
     return state
 
 
-def diverged(run_dir: Path, epoch: int, step: int, train_loss: float, val_loss: float,
-             kept_epoch: int | None) -> Diverged:  # fmt: skip
-    """The one-line error of a non-finite loss in ``epoch`` (nothing of that epoch is saved)."""
-    which = (
-        f"train -ELBO {train_loss}" if not math.isfinite(train_loss) else f"val -ELBO {val_loss}"
-    )
+def diverged(run_dir: Path, epoch: int, step: int, which: str, kept_epoch: int | None) -> Diverged:
+    """The one-line error of a non-finite loss in ``epoch`` (nothing of that epoch is saved);
+    ``which`` says what was not finite."""
     kept = (
         f"the checkpoint of epoch {kept_epoch} is kept in {run_dir}"
         if kept_epoch is not None
@@ -234,6 +248,25 @@ def diverged(run_dir: Path, epoch: int, step: int, train_loss: float, val_loss: 
         f"training diverged in epoch {epoch} (by step {step}): {which}; {kept}; "
         "lower --train.lr or use another --objective"
     )
+
+
+def invalid_values(err: ValueError) -> str:
+    """What Pyro's validation found, short: ``NaN or inf in the logits of a Bernoulli``."""
+    lines = str(err).strip().splitlines()
+    found = re.match(
+        r"Expected parameter (\w+) .*? of distribution (\w+)", lines[0] if lines else ""
+    )
+    if found is None:
+        return f"non-finite values ({' '.join(str(err).split())[:100]})"
+    return f"NaN or inf in the {found[1]} of a {found[2]}"
+
+
+def unchecked_loss(model, inputs: torch.Tensor, cfg: RunConfig) -> float:
+    """The -ELBO of the first evaluation batch of ``inputs`` with Pyro's validation off (NaN
+    or inf where the model's weights have diverged), on a forked random stream."""
+    with seeded(0, inputs.device), pyro.validation_enabled(False):
+        batch = inputs[: cfg.eval.batch_size]
+        return neg_elbo(model, batch, cfg.objective, cfg.eval.batch_size, cfg.fast)
 
 
 def fit_auxiliary(

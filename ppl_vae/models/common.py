@@ -14,7 +14,13 @@ from torch import nn
 
 from ppl_vae import nets
 from ppl_vae.errors import ConfigError, check
-from ppl_vae.likelihoods import BINARY_LIKELIHOODS, Likelihood, LikelihoodName, ScaleMode
+from ppl_vae.likelihoods import (
+    BINARY_LIKELIHOODS,
+    X_SCALE_FLOOR,
+    Likelihood,
+    LikelihoodName,
+    ScaleMode,
+)
 from ppl_vae.models.base import LatentVariableModel, ModelConfig
 
 Activation = Literal["relu", "softplus", "tanh", "gelu", "elu", "leaky_relu"]
@@ -48,6 +54,12 @@ class ImageConfig(ModelConfig):
             f"fixed unless --model.likelihood is gaussian (it is {self.likelihood})",
             self.x_scale_mode,
         )
+        if self.x_scale_mode != "fixed" and not self.x_scale > X_SCALE_FLOOR:
+            raise ConfigError(
+                f"--model.x-scale {self.x_scale:g}: a learned scale (--model.x-scale-mode "
+                f"{self.x_scale_mode}) is {X_SCALE_FLOOR:g} + softplus(·), so it must start above "
+                f"{X_SCALE_FLOOR:g}; pass a larger --model.x-scale, or --model.x-scale-mode fixed"
+            )
 
     def check_data(self, binarization: str) -> None:
         binary_data = binarization != "none"
