@@ -20,10 +20,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ppl_vae import data, diagnostics, evaluate, files, models, plots, report, runs, train
+from ppl_vae import (
+    data,
+    diagnostics,
+    distributed,
+    evaluate,
+    files,
+    models,
+    plots,
+    report,
+    runs,
+    train,
+)
 from ppl_vae.config import PRESETS, EvalConfig, RunConfig, preset, with_model
+from ppl_vae.distributed import seeded, world
 from ppl_vae.errors import ConfigError, UserError
-from ppl_vae.metrics import format_results, seeded
+from ppl_vae.metrics import format_results
 
 PROG = "ppl-vae"
 
@@ -221,6 +233,12 @@ def parse_train(argv: list[str]) -> tuple[RunConfig | None, Path | None, int | N
 
 def cmd_train(argv: list[str]) -> int:
     cfg, resume, epochs = parse_train(argv)
+    if world().size > 1:
+        raise UserError(
+            f"train runs as one process for now ({world().size} were started by torchrun); "
+            "run `ppl-vae train` without torchrun (distributed training is not built yet; "
+            "evaluate and diagnose run distributed)"
+        )
     run_dir = train.fit(cfg) if resume is None else train.fit(resume=resume, epochs=epochs)
     device = runs.read_config(run_dir).train.device
     results = evaluate.evaluate_run(run_dir, device=device)
@@ -306,8 +324,9 @@ def cmd_evaluate(argv: list[str]) -> int:
         reference_dir=args.reference_vae,
         fast=args.fast,
     )
-    print("\n".join(format_results(results)))
-    print(f"written: {Path(args.run_dir) / evaluate.EVAL_JSON}")
+    if world().main:
+        print("\n".join(format_results(results)))
+        print(f"written: {Path(args.run_dir) / evaluate.EVAL_JSON}")
     return 0
 
 
@@ -328,8 +347,9 @@ def cmd_diagnose(argv: list[str]) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("run_dir", "device")}
     cfg = apply_flags(diagnostics.DiagnoseConfig(), flags)
     results = diagnostics.diagnose_run(args.run_dir, cfg, device=args.device)
-    print("\n".join(diagnostics.format_diagnostics(results)))
-    print(f"written: {Path(args.run_dir) / diagnostics.DIAGNOSTICS_JSON}")
+    if world().main:
+        print("\n".join(diagnostics.format_diagnostics(results)))
+        print(f"written: {Path(args.run_dir) / diagnostics.DIAGNOSTICS_JSON}")
     return 0
 
 
@@ -417,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        return COMMANDS[argv[0]][0](argv[1:])
+        with distributed.launched():  # one process, or all those torchrun started
+            return COMMANDS[argv[0]][0](argv[1:])
     except UserError as err:
         print(f"{PROG} {argv[0]}: error: {one_line(str(err))}", file=sys.stderr)
         return getattr(err, "exit_code", 2)

@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from ppl_vae.distributed import device_for
 from ppl_vae.errors import ConfigError, DataError, check
 
 VAL_SIZE = 10_000
@@ -238,10 +239,10 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
     """``auto`` → cuda when available, else cpu; ``cuda`` without a GPU is a user error naming
     ``flag``, the option that chose it."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{flag} cuda: no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
+    return torch.device(device_for(name))  # each process of a distributed job: its own GPU
 
 
 @dataclass

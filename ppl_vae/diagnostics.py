@@ -38,6 +38,7 @@ from pyro.infer import MCMC, NUTS
 from tqdm.auto import tqdm
 
 from ppl_vae import data, files, plots, runs
+from ppl_vae.distributed import map_batches, share_of, world
 from ppl_vae.errors import ConfigError, check
 from ppl_vae.inference import weights
 from ppl_vae.inference.objectives import ObjectiveConfig, make_elbo
@@ -160,7 +161,8 @@ def psis(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def importance_weights(
-    model, inputs: torch.Tensor, k: int, batch_size: int = 100, progress: bool = False
+    model, inputs: torch.Tensor, k: int, batch_size: int = 100, progress: bool = False,
+    seed: int = 0,
 ) -> torch.Tensor:
     """All ``k`` log importance weights of every input, ``(k, N)`` float64 on the CPU.
 
@@ -168,16 +170,22 @@ def importance_weights(
     ``batch_size · particle chunk`` images.
     """
     chunk = max(1, min(k, 20_000 // max(1, batch_size)))
-    columns = []
-    total = data.num_batches(inputs.shape[0], batch_size)
-    for x in tqdm(data.batches(inputs, batch_size), total=total, desc="log weights",
-                  disable=None if progress else True, leave=False):  # fmt: skip
+    total = share_of(data.num_batches(inputs.shape[0], batch_size))
+    bar = tqdm(total=total, desc="log weights", leave=False,
+               disable=None if progress and world().main else True)  # fmt: skip
+
+    def rows(x: torch.Tensor) -> torch.Tensor:  # (batch, k)
         parts = [
-            weights.log_weights(model.model, model.guide, x, min(chunk, k - start)).double().cpu()
+            weights.log_weights(model.model, model.guide, x, min(chunk, k - start))
             for start in range(0, k, chunk)
         ]
-        columns.append(torch.cat(parts))
-    return torch.cat(columns, dim=1)
+        return torch.cat(parts).T
+
+    # shared over the processes of a distributed job, the same numbers for any number of them
+    log_w = map_batches(rows, inputs, batch_size, seed, shape=(k,), dtype=torch.float64,
+                        on_batch=bar.update)  # fmt: skip
+    bar.close()
+    return log_w.T.cpu()
 
 
 def khat_summary(khat: torch.Tensor) -> dict[str, Any]:
@@ -421,7 +429,8 @@ def diagnose_run(
     run_dir = Path(run_dir)
     runs.open_for_writing(run_dir, DIAGNOSTICS_JSON)
     # every output is renamed into place together, once all are written
-    with files.Staged(run_dir, "free space or fix the permissions, then rerun") as stage:
+    hint = "free space or fix the permissions, then rerun"
+    with files.Staged(run_dir, hint, keep=world().main) as stage:  # rank 0 writes
         return _diagnose(stage, cfg, device, progress, dataset)
 
 
@@ -438,7 +447,7 @@ def _diagnose(stage, cfg, device, progress, dataset) -> dict[str, Any]:
 
     # k-hat of the importance weights
     x = inputs[: cfg.images]
-    log_w = importance_weights(model, x, cfg.k, cfg.batch_size, progress)
+    log_w = importance_weights(model, x, cfg.k, cfg.batch_size, progress, cfg.seed)
     khat, log_px_psis = psis(log_w)
     log_px_is = log_mean_exp(log_w)
     results: dict[str, Any] = {"config": asdict(cfg), "images": x.shape[0], "k": cfg.k}

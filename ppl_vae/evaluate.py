@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ppl_vae import data, files, runs
+from ppl_vae.distributed import seeded, world
 from ppl_vae.errors import RunDirError
 from ppl_vae.metrics import (
     DENSITY_GUIDE,
@@ -20,7 +21,6 @@ from ppl_vae.metrics import (
     evaluate_model,
     format_results,
     reference_metrics,
-    seeded,
 )
 
 EVAL_JSON = "eval.json"
@@ -88,5 +88,6 @@ def evaluate_run(
                     min(1000, inputs.shape[0]), progress, fast,
                 )  # fmt: skip
             )
-    files.write_atomic(Path(run_dir) / EVAL_JSON, json.dumps(results, indent=2) + "\n")
+    if world().main:  # rank 0 writes; the other processes of a distributed job only compute
+        files.write_atomic(Path(run_dir) / EVAL_JSON, json.dumps(results, indent=2) + "\n")
     return results

@@ -18,6 +18,7 @@ import errno
 import io
 import os
 import re
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,14 +74,17 @@ class Staged:
     ``hint`` is added to the message of a disk error (what the user can do).
     """
 
-    def __init__(self, folder: Path, hint: str = ""):
+    def __init__(self, folder: Path, hint: str = "", keep: bool = True):
         self.folder = Path(folder)
         self.hint = hint
+        self.keep = keep  # False: written aside and dropped (the other ranks of a distributed job)
         self.files: dict[str, Path] = {}
+        self._aside = None if keep else tempfile.TemporaryDirectory(prefix="ppl_vae-rank-")
 
     def path(self, name: str) -> Path:
         if name not in self.files:
-            self.files[name] = temp_path(self.folder / name)
+            folder = self.folder if self._aside is None else Path(self._aside.name)
+            self.files[name] = temp_path(folder / name)
         return self.files[name]
 
     def location(self, name: str) -> Path:
@@ -106,6 +110,8 @@ class Staged:
             raise os_error(err, self.folder / name, self.hint) from None
 
     def commit(self) -> None:
+        if not self.keep:
+            return
         where = self.folder  # named by the error: the file being synced or renamed
         try:
             for name, tmp in self.files.items():
@@ -125,6 +131,8 @@ class Staged:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
         self.files.clear()
+        if self._aside is not None:
+            self._aside.cleanup()
 
     def __enter__(self) -> Staged:
         return self

@@ -13,7 +13,6 @@ fails (a test runs every registered model through it).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from torch.distributions import Independent, Normal, kl_divergence
 from tqdm.auto import tqdm
 
 from ppl_vae import data
+from ppl_vae.distributed import map_batches, seeded, share_of, world
 from ppl_vae.errors import check
 from ppl_vae.inference import weights
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, own_parameters
@@ -64,20 +64,33 @@ class EvalConfig:
 @torch.no_grad()
 def neg_elbo(
     model, inputs: torch.Tensor, objective: ObjectiveConfig, batch_size: int = 500,
-    fast: bool = True,
+    fast: bool = True, seed: int = 0,
 ) -> float:  # fmt: skip
     """Mean -ELBO per datapoint of ``inputs`` (flat floats) under ``objective``.
 
-    The first batch runs with Pyro's validation as configured; with ``fast`` the rest without
-    it, so the ``"trace"`` objective takes the lean path (same estimator).
+    With ``fast``, Pyro's validation (as configured) checks the program once, on the first
+    batch, in a pass of its own whose draws are undone; every batch is then computed without
+    it, so the ``"trace"`` objective takes the lean path (same estimator). Batch b draws from
+    streams seeded by ``(seed, b)`` and the batches are shared over the processes of a
+    distributed job (:func:`ppl_vae.distributed.map_batches`): the same number for any number
+    of processes.
     """
     loss_fn = loss_module(model, objective, fast)
-    total = torch.zeros((), device=inputs.device)
     validate = is_validation_enabled()
-    for i, x in enumerate(data.batches(inputs, batch_size)):
-        with pyro.validation_enabled(validate and (i == 0 or not fast)):
-            total += loss_fn(x)
-    return total.item() / inputs.shape[0]
+    first = True
+
+    def batch_loss(x: torch.Tensor) -> torch.Tensor:
+        nonlocal first
+        if first and validate and fast:
+            with seeded(0, x.device), pyro.validation_enabled(True):
+                loss_fn(x)  # the checks alone
+        first = False
+        with pyro.validation_enabled(validate and not fast):
+            return loss_fn(x)
+
+    totals = map_batches(batch_loss, inputs, batch_size, seed, per_image=False,
+                         dtype=torch.float64)  # fmt: skip
+    return totals.sum().item() / inputs.shape[0]
 
 
 @torch.no_grad()
@@ -89,6 +102,7 @@ def log_likelihood(
     particle_chunk: int = 50,
     progress: bool = False,
     fast: bool = True,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Importance-sampled log p(x) with ``k`` draws from the guide, one estimate per datapoint.
 
@@ -97,40 +111,48 @@ def log_likelihood(
     ``particle_chunk`` at a time and merged with ``logaddexp``, so memory stays bounded by
     ``batch_size · particle_chunk`` likelihood evaluations whatever ``k`` is.
 
-    The weights are :func:`ppl_vae.inference.weights.log_weights`. The first chunk runs with
-    Pyro's validation as configured (model/guide, supports and shapes are checked once, on the
-    real inputs); with ``fast`` the others run without it, with fused densities, recorded and
-    replayed as a graph of tensor ops for models that opt in
-    (:class:`~ppl_vae.inference.recording.RecordedLogWeights`).
+    The weights are :func:`ppl_vae.inference.weights.log_weights`. Pyro's validation, as
+    configured, checks model/guide, supports and shapes once on the real inputs, in a pass of
+    its own whose draws are undone; with ``fast`` every chunk then runs without it, with fused
+    densities, recorded and replayed as a graph of tensor ops for models that opt in
+    (:class:`~ppl_vae.inference.recording.RecordedLogWeights`). Batch b draws from streams
+    seeded by ``(seed, b)``; the batches are shared over the processes of a distributed job.
     """
-    estimates = []
     chunks = [min(particle_chunk, k - start) for start in range(0, k, particle_chunk)]
     bar = tqdm(
-        total=data.num_batches(inputs.shape[0], batch_size) * len(chunks),
+        total=share_of(data.num_batches(inputs.shape[0], batch_size)) * len(chunks),
         desc=f"log p(x), k={k}",
-        disable=None if progress else True,
+        disable=None if progress and world().main else True,
         leave=False,
     )
     own = {id(p): p for p in own_parameters(model)} if fast else None
     recorded = RecordedLogWeights(model) if fast and recordable(model) else None
+    validate = is_validation_enabled()
     validated = False
-    for x in data.batches(inputs, batch_size):
+
+    def estimate(x: torch.Tensor) -> torch.Tensor:
+        nonlocal validated
+        if validate and fast and not validated:
+            with seeded(0, x.device), pyro.validation_enabled(True):  # the checks alone
+                weights.log_weights(model.model, model.guide, x, chunks[0], own_params=own)
+        validated = True
         acc = None
         for size in chunks:
-            if validated and recorded is not None:
+            if recorded is not None:
                 log_w = recorded(x, size)
             else:
-                with pyro.validation_enabled(is_validation_enabled() and not (validated and fast)):
+                with pyro.validation_enabled(validate and not fast):
                     log_w = weights.log_weights(
                         model.model, model.guide, x, size, fused=fast, own_params=own
                     )
-                validated = True
             lse = torch.logsumexp(log_w, dim=0)
             acc = lse if acc is None else torch.logaddexp(acc, lse)
             bar.update()
-        estimates.append(acc - math.log(k))
+        return acc - math.log(k)
+
+    estimates = map_batches(estimate, inputs, batch_size, seed, dtype=inputs.dtype)
     bar.close()
-    return torch.cat(estimates)
+    return estimates
 
 
 @torch.no_grad()
@@ -273,7 +295,7 @@ def reference_metrics(
     """
     means = torch.cat([model.sample(min(500, n - i)) for i in range(0, n, 500)])
     samples = torch.bernoulli(means.clamp(0, 1)) if binary else means
-    args = (eval_cfg.k, eval_cfg.batch_size, eval_cfg.particle_chunk, progress, fast)
+    args = (eval_cfg.k, eval_cfg.batch_size, eval_cfg.particle_chunk, progress, fast, eval_cfg.seed)
     nll_samples = -log_likelihood(reference, samples, *args)
     nll_data = -log_likelihood(reference, inputs[:n], *args)
     return {
@@ -393,9 +415,10 @@ class MetricGroup:
 
 def _elbos(c: Context) -> dict[str, Any]:
     return {
-        "neg_elbo": neg_elbo(c.model, c.inputs, ObjectiveConfig("trace"), c.cfg.batch_size, c.fast),
+        "neg_elbo": neg_elbo(c.model, c.inputs, ObjectiveConfig("trace"), c.cfg.batch_size,
+                             c.fast, c.cfg.seed),  # fmt: skip
         "neg_elbo_meanfield": neg_elbo(
-            c.model, c.inputs, ObjectiveConfig("meanfield"), c.cfg.batch_size, c.fast
+            c.model, c.inputs, ObjectiveConfig("meanfield"), c.cfg.batch_size, c.fast, c.cfg.seed
         ),
     }
 
@@ -403,7 +426,7 @@ def _elbos(c: Context) -> dict[str, Any]:
 def _importance_sampled(c: Context) -> dict[str, Any]:
     cfg = c.cfg
     log_px = log_likelihood(c.model, c.inputs, cfg.k, cfg.batch_size, cfg.particle_chunk,
-                            c.progress, c.fast)  # fmt: skip
+                            c.progress, c.fast, cfg.seed)  # fmt: skip
     nll = -log_px.mean().item()
     return {
         "nll_is": nll,
@@ -416,7 +439,7 @@ def _importance_sampled(c: Context) -> dict[str, Any]:
 def _map_objective(c: Context) -> dict[str, Any]:
     return {
         "neg_log_joint": neg_elbo(c.model, c.inputs, ObjectiveConfig("trace"), c.cfg.batch_size,
-                                  c.fast),  # fmt: skip
+                                  c.fast, c.cfg.seed),  # fmt: skip
         "notes": [
             "q(z|x) is a point mass, so importance-sampled log p(x) and the -ELBO are not "
             "defined: the reconstruction error and the MAP objective "
@@ -426,7 +449,8 @@ def _map_objective(c: Context) -> dict[str, Any]:
 
 
 def _discrete_elbo(c: Context) -> dict[str, Any]:
-    value = neg_elbo(c.model, c.inputs, ObjectiveConfig("trace"), c.cfg.batch_size, c.fast)
+    value = neg_elbo(c.model, c.inputs, ObjectiveConfig("trace"), c.cfg.batch_size, c.fast,
+                     c.cfg.seed)  # fmt: skip
     return {
         "neg_elbo": value,
         "kl_point_mass": value - c.results["recon_nll"],
@@ -552,16 +576,6 @@ def evaluate_model(
     """
     with seeded(cfg.seed, inputs.device):
         return _evaluate_model(model, inputs, cfg, progress, fast)
-
-
-@contextlib.contextmanager
-def seeded(seed: int, device: torch.device | str = "cpu"):
-    """Run a block on torch's random streams seeded with ``seed``; the streams outside the
-    block are left as they were."""
-    device = torch.device(device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def _evaluate_model(model, inputs, cfg, progress, fast) -> dict[str, Any]:

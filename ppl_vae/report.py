@@ -14,9 +14,10 @@ import torch
 from ppl_vae import data, files, plots, runs
 from ppl_vae.config import to_dict
 from ppl_vae.diagnostics import DIAGNOSTIC_LABELS, DIAGNOSTICS_JSON
+from ppl_vae.distributed import seeded
 from ppl_vae.errors import RunDirError
 from ppl_vae.evaluate import EVAL_JSON
-from ppl_vae.metrics import LABELS, seeded
+from ppl_vae.metrics import LABELS
 from ppl_vae.models.capabilities import DEFAULT_SAMPLES_CAPTION, SampleCaption
 
 REPORT = "report.md"

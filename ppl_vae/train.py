@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 
 from ppl_vae import data, files, runs
 from ppl_vae.config import RunConfig, TrainConfig, check_fits, to_dict
+from ppl_vae.distributed import seeded
 from ppl_vae.errors import Diverged, RunDirError, UserError
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, make_elbo
 from ppl_vae.inference.recording import record
 from ppl_vae.inference.svi import SVIStep, run_svi
-from ppl_vae.metrics import neg_elbo, seeded
+from ppl_vae.metrics import neg_elbo
 from ppl_vae.models import build
 from ppl_vae.models.capabilities import AuxiliaryFit, AuxiliaryFits, TrainingHooks
 

@@ -23,6 +23,7 @@ from pyro.optim import Adam
 
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE, reference_log_likelihood
 from ppl_vae.config import ObjectiveConfig
+from ppl_vae.distributed import stream_seed
 from ppl_vae.inference import recording, weights
 from ppl_vae.inference.estimators import LeanTrace_ELBO
 from ppl_vae.inference.objectives import loss_module
@@ -337,18 +338,26 @@ def test_guide_factors_count_in_every_estimator(seed):
 
 def test_log_likelihood_fast_equals_plain_and_reference(device, seed):
     """The IS estimate is the same number through traces (--no-fast), the fast path (recorded
-    weights replayed from the second chunk of a shape on) and the hand-written reference."""
+    weights replayed from the second chunk of a shape on) and the hand-written reference run
+    batch by batch on the streams the evaluation seeds per batch."""
     model, x = setup_model(device)
     reference = ReferenceVAE(CONFIG).to(device=device, dtype=x.dtype)
     reference.load_state_dict(model.state_dict())
-    estimates = []
-    for fn in (
-        lambda: log_likelihood(model, x, k=13, batch_size=4, particle_chunk=3, fast=False),
-        lambda: log_likelihood(model, x, k=13, batch_size=4, particle_chunk=3),
-        lambda: reference_log_likelihood(reference, x, k=13, batch_size=4, particle_chunk=3),
-    ):
-        pyro.set_rng_seed(seed)
-        estimates.append(fn())
+
+    def reference_by_batch() -> torch.Tensor:
+        parts = []
+        for b, start in enumerate(range(0, x.shape[0], 4)):
+            torch.manual_seed(stream_seed(seed, b))
+            xb = x[start : start + 4]
+            parts.append(reference_log_likelihood(reference, xb, k=13, batch_size=4,
+                                                  particle_chunk=3))  # fmt: skip
+        return torch.cat(parts)
+
+    estimates = [
+        log_likelihood(model, x, k=13, batch_size=4, particle_chunk=3, fast=False, seed=seed),
+        log_likelihood(model, x, k=13, batch_size=4, particle_chunk=3, seed=seed),
+        reference_by_batch(),
+    ]
     torch.testing.assert_close(estimates[1], estimates[0], **tolerances(device))
     torch.testing.assert_close(estimates[2], estimates[0], **tolerances(device))
 
@@ -384,15 +393,17 @@ def test_reference_is_the_same_model(device, seed):
 
 
 def test_neg_elbo_lean_batches_match_trace_elbo(seed):
-    """metrics.neg_elbo (first batch validated, then lean) = Trace_ELBO on every batch."""
+    """metrics.neg_elbo (validated once in a pass of its own, then lean) = Trace_ELBO on every
+    batch, on the streams seeded per batch."""
     model, x = setup_model()
     inputs = torch.cat([x, x.flip(0), x])
-    pyro.set_rng_seed(seed)
-    got = neg_elbo(model, inputs, ObjectiveConfig("trace"), batch_size=5)
-    pyro.set_rng_seed(seed)
+    got = neg_elbo(model, inputs, ObjectiveConfig("trace"), batch_size=5, seed=seed)
     plain = loss_module(model, ObjectiveConfig("trace"), fast=False)
+    expected = 0.0
     with torch.no_grad():
-        expected = sum(plain(inputs[i : i + 5]).item() for i in range(0, inputs.shape[0], 5))
+        for b, i in enumerate(range(0, inputs.shape[0], 5)):
+            torch.manual_seed(stream_seed(seed, b))
+            expected += plain(inputs[i : i + 5]).item()
     assert got == pytest.approx(expected / inputs.shape[0], rel=1e-6)  # float32 accumulator
 
 

@@ -12,6 +12,7 @@ from torch.distributions import kl_divergence
 
 from ppl_vae import data
 from ppl_vae.config import ObjectiveConfig
+from ppl_vae.distributed import stream_seed
 from ppl_vae.inference.kl import kl_standard_normal
 from ppl_vae.inference.objectives import loss_module
 from ppl_vae.inference.weights import log_mean_exp, log_weights
@@ -82,17 +83,13 @@ def test_vae_importance_sampling_above_elbo(trained_vae, test_images, seed):
     """
     replicates, k, rows = 128, 32, 256
     x = test_images[:8].repeat(replicates, 1)
-    state = torch.get_rng_state()
-    estimate = log_likelihood(trained_vae, x, k=k, batch_size=rows, particle_chunk=k)
-    torch.set_rng_state(state)
+    estimate = log_likelihood(trained_vae, x, k=k, batch_size=rows, particle_chunk=k, seed=seed)
+    columns = []
     with torch.no_grad():
-        log_w = torch.cat(
-            [
-                log_weights(trained_vae.model, trained_vae.guide, xb, k)
-                for xb in data.batches(x, rows)
-            ],
-            dim=1,
-        )
+        for b, xb in enumerate(data.batches(x, rows)):  # the evaluation's stream of batch b
+            torch.manual_seed(stream_seed(seed, b))
+            columns.append(log_weights(trained_vae.model, trained_vae.guide, xb, k))
+    log_w = torch.cat(columns, dim=1)
     torch.testing.assert_close(estimate, log_mean_exp(log_w), rtol=1e-12, atol=1e-9)
     importance_sampled = estimate.reshape(replicates, 8).sum(-1)
     elbo = log_w[0].reshape(replicates, 8).sum(-1)
