@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     model = VAE(PYRO_EXAMPLE).to(device).eval()
     reference = ReferenceVAE(PYRO_EXAMPLE).to(device).eval()
     reference.load_state_dict(model.state_dict())
-    chunking = dict(k=args.k, batch_size=args.batch_size, particle_chunk=args.particle_chunk)
+    chunking = dict(k=args.k, batch_size=args.batch_size, particle_chunk=args.particle_chunk,
+                    seed=args.seed)  # the same per-batch streams for every contender
     estimates: dict[str, torch.Tensor] = {}
 
     def run(name, fn):

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ppl_vae import nets
+from ppl_vae.distributed import stream_seed
 from ppl_vae.models import VAEConfig
 
 
@@ -78,11 +79,16 @@ class ReferenceStep:
 
 @torch.no_grad()
 def reference_log_likelihood(
-    model: ReferenceVAE, inputs: torch.Tensor, k: int, batch_size: int, particle_chunk: int
+    model: ReferenceVAE, inputs: torch.Tensor, k: int, batch_size: int, particle_chunk: int,
+    seed: int | None = None,
 ) -> torch.Tensor:
-    """log (1/k) Σ_i p(x, z_i)/q(z_i|x), z_i ~ q(z|x): chunks of draws merged by logaddexp."""
+    """log (1/k) Σ_i p(x, z_i)/q(z_i|x), z_i ~ q(z|x): chunks of draws merged by logaddexp.
+    With ``seed``, batch b draws from ``torch.manual_seed(stream_seed(seed, b))``, the streams
+    of ppl_vae's evaluation."""
     estimates = []
-    for start in range(0, inputs.shape[0], batch_size):
+    for b, start in enumerate(range(0, inputs.shape[0], batch_size)):
+        if seed is not None:
+            torch.manual_seed(stream_seed(seed, b))
         x = inputs[start : start + batch_size]
         acc = torch.full((x.shape[0],), -math.inf, device=x.device)
         for drawn in range(0, k, particle_chunk):

@@ -134,7 +134,7 @@ def log_likelihood(
         nonlocal validated
         if validate and fast and not validated:
             with seeded(0, x.device), pyro.validation_enabled(True):  # the checks alone
-                weights.log_weights(model.model, model.guide, x, chunks[0], own_params=own)
+                weights.log_weights(model.model, model.guide, x, 1, own_params=own)
         validated = True
         acc = None
         for size in chunks:
