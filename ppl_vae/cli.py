@@ -233,18 +233,13 @@ def parse_train(argv: list[str]) -> tuple[RunConfig | None, Path | None, int | N
 
 def cmd_train(argv: list[str]) -> int:
     cfg, resume, epochs = parse_train(argv)
-    if world().size > 1:
-        raise UserError(
-            f"train runs as one process for now ({world().size} were started by torchrun); "
-            "run `ppl-vae train` without torchrun (distributed training is not built yet; "
-            "evaluate and diagnose run distributed)"
-        )
     run_dir = train.fit(cfg) if resume is None else train.fit(resume=resume, epochs=epochs)
     device = runs.read_config(run_dir).train.device
     results = evaluate.evaluate_run(run_dir, device=device)
     report.build_report(run_dir, device=device)
-    print(f"run folder: {run_dir}")
-    print("\n".join(format_results(results)))
+    if world().main:
+        print(f"run folder: {run_dir}")
+        print("\n".join(format_results(results)))
     return 0
 
 

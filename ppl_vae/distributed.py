@@ -129,6 +129,45 @@ def map_batches(
     return out.to(dtype)
 
 
+def broadcast(obj: object) -> object:
+    """Rank 0's ``obj`` on every rank (a run folder's path)."""
+    if world().size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(obj: object) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (their random states)."""
+    if world().size == 1:
+        return [obj]
+    out: list = [None] * world().size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def total(value: torch.Tensor) -> torch.Tensor:
+    """The sum of ``value`` over the ranks (a copy; ``value`` itself is left alone)."""
+    value = value.detach().clone()
+    if world().size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def shard(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a global batch: rows rank, rank + size, ... (sizes differ by at
+    most one; a rank may get none of a last batch smaller than the number of ranks)."""
+    me = world()
+    return batch if me.size == 1 else batch[me.rank :: me.size]
+
+
+def barrier() -> None:
+    """Wait until every rank is here (rank 0's files are written before others read them)."""
+    if world().size > 1:
+        dist.barrier()
+
+
 def share_of(total: int) -> int:
     """How many of ``total`` equal work items this rank does under :func:`map_batches`."""
     me = world()

@@ -14,7 +14,7 @@ import torch
 from ppl_vae import data, files, plots, runs
 from ppl_vae.config import to_dict
 from ppl_vae.diagnostics import DIAGNOSTIC_LABELS, DIAGNOSTICS_JSON
-from ppl_vae.distributed import seeded
+from ppl_vae.distributed import seeded, world
 from ppl_vae.errors import RunDirError
 from ppl_vae.evaluate import EVAL_JSON
 from ppl_vae.metrics import LABELS
@@ -216,7 +216,8 @@ def build_report(run_dir: Path, device: str = "auto", dataset: data.Dataset | No
     dataset = dataset or data.load(cfg.data, torch_device)
     caption = model.samples_caption() if isinstance(model, SampleCaption) else None
     # every figure and both reports are renamed into place together, once all are written
-    with files.Staged(run_dir, "free space or fix the permissions, then rerun") as stage:
+    hint = "free space or fix the permissions, then rerun"
+    with files.Staged(run_dir, hint, keep=world().main) as stage:  # rank 0 writes
         write_figures(stage, model, dataset, cfg.data.binarization, cfg.train.seed)
         return write_report(run_dir, caption or DEFAULT_SAMPLES_CAPTION, stage)
 

@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pyro
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ppl_vae import data, files, runs
 from ppl_vae.config import RunConfig, TrainConfig, check_fits, to_dict
-from ppl_vae.distributed import seeded
-from ppl_vae.errors import Diverged, RunDirError, UserError
+from ppl_vae.distributed import barrier, broadcast, gather, seeded, shard, stream_seed, world
+from ppl_vae.distributed import total as sum_over_ranks
+from ppl_vae.errors import ConfigError, Diverged, RunDirError, UserError
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, make_elbo
 from ppl_vae.inference.recording import record
 from ppl_vae.inference.svi import SVIStep, run_svi
@@ -95,9 +97,13 @@ def fit(
         if epochs is not None:
             cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
     cfg = cfg or RunConfig()
+    me = world()
     device = data.resolve_device(cfg.train.device, "--train.device")
     seed_everything(cfg.train.seed)
-    model = build(cfg.model).to(device)
+    model = build(cfg.model).to(device)  # the same initial weights on every rank
+    if me.size > 1:
+        check_distributable(model)
+        torch.manual_seed(stream_seed(cfg.train.seed, me.rank))  # each rank's own draws
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     batch_order = torch.Generator().manual_seed(cfg.train.seed)
     start_epoch, step, rows, state = 0, 0, [], None
@@ -106,9 +112,15 @@ def fit(
         path = run_dir / runs.CHECKPOINT
         runs.load_state(model, state["model"], path, "the model of config.json")
         runs.load_state(optimizer, state["optimizer"], path, "the optimizer of config.json")
+        saved_size = state.get("world_size", 1)
+        if saved_size != me.size:
+            raise RunDirError(
+                f"{path}: was written by {saved_size} process(es), this job has {me.size}; "
+                f"resume with the same number (torchrun --nproc-per-node {saved_size})"
+            )
         try:
             start_epoch, step = int(state["epoch"]), int(state["step"])
-            set_rng_state(state["rng"], batch_order)
+            set_rng_state(state.get("rng_ranks", [state["rng"]])[me.rank], batch_order)
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
             raise RunDirError(f"{path}: its epoch, step or random state is damaged") from None
         rows = runs.history(state, run_dir)
@@ -117,7 +129,7 @@ def fit(
     dataset = dataset or data.load(cfg.data, device)
     check_fits(cfg, dataset.train.num_pixels, dataset.files.get("train_images", dataset.name))
     source, mode = data.train_source(cfg.data, dataset.train, len(dataset.val))
-    if cfg.train.progress:
+    if cfg.train.progress and me.main:
         where = Path(dataset.files["train_images"]).parent if dataset.files else dataset.name
         tqdm.write(
             f"data: {source.shape[0]} training, {len(dataset.val)} validation and "
@@ -126,9 +138,10 @@ def fit(
 
     loss_fn = loss_module(model, cfg.objective, cfg.fast)
     created = None  # the topmost folder a new run created, removed if no epoch finishes
-    if resume is None:
-        run_dir, created = runs.new_run_dir(cfg, data.source_record(dataset, cfg.data))
-    elif cfg != runs.read_config(run_dir):  # only --train.epochs may differ
+    if resume is None:  # rank 0 claims the folder and tells the others
+        claimed = runs.new_run_dir(cfg, data.source_record(dataset, cfg.data)) if me.main else None
+        run_dir, created = broadcast(claimed)
+    elif cfg != runs.read_config(run_dir) and me.main:  # only --train.epochs may differ
         runs.write_config(run_dir, cfg, runs.data_source(run_dir))
     try:
         state = _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode,
@@ -156,16 +169,59 @@ def fit(
             runs.save_epoch(run_dir, {**state, "model": model.state_dict()}, state["history"])
             if cfg.train.progress:
                 tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in auxiliary.items()))
+    barrier()  # rank 0's last checkpoint is on disk before any rank reads it
     return run_dir
+
+
+class DistributedLoss(torch.nn.Module):
+    """The loss as a module that owns the model, so that DistributedDataParallel sees its
+    parameters (an ELBO built from bound methods owns none) and all-reduces their gradients
+    on every call (through ``forward``)."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(x)
+
+
+def check_distributable(model: torch.nn.Module) -> None:
+    """Models whose state changes outside gradients (buffers such as an EMA codebook) or that
+    fit parts after training are not shared over processes yet: refused in one line."""
+    names = {name for name, _ in model.named_parameters()}
+    buffers = sorted(set(model.state_dict()) - names)
+    if buffers or isinstance(model, AuxiliaryFits):
+        what = f"buffers {', '.join(buffers[:3])}" if buffers else "parts fitted after training"
+        raise ConfigError(
+            f"{type(model).__name__} has {what}, which distributed training does not share "
+            "over processes yet; train it as one process (without torchrun)"
+        )
 
 
 def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, run_dir,
            start_epoch, step, rows, state):  # fmt: skip
     """The epochs ``start_epoch .. cfg.train.epochs`` of :func:`fit`; returns the last
     checkpoint state written (``state`` when no epoch was left to run)."""
-    if cfg.fast:
+    me = world()
+    if me.size > 1:  # gradients all-reduced on every call, through DDP's forward
+        ids = [model.device.index] if model.device.type == "cuda" else None
+        loss_fn = DistributedDataParallel(DistributedLoss(model, loss_fn), device_ids=ids)
+    elif cfg.fast:
         loss_fn = record(loss_fn, model)  # replayed where that is exact (inference.recording)
     train_step = SVIStep(loss_fn, optimizer, cfg.fast)  # validates its first step
+    progress = cfg.train.progress and me.main
+
+    def inputs(batches):
+        """This rank's part of each global batch, and the step's denominator: global batch
+        over ranks, so that DDP's mean of the ranks' gradients is one process's gradient."""
+        for images in batches:
+            part = shard(images)
+            train_step.denominator = images.shape[0] / me.size if me.size > 1 else None
+            if part.shape[0] == 0:  # a last batch smaller than the number of ranks
+                part, train_step.denominator = images[:1], math.inf
+            yield data.to_input(part, mode)
     hooks = model if isinstance(model, TrainingHooks) else None
 
     def before_step() -> None:
@@ -186,15 +242,15 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
         batches = data.batches(source, cfg.train.batch_size, batch_order)
         kept = state["epoch"] if state is not None else None
         try:
-            total = run_svi(
+            summed = run_svi(
                 train_step,
-                (data.to_input(images, mode) for images in batches),
+                inputs(batches),
                 before_step=before_step,
                 total=steps_per_epoch,
                 desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                progress=cfg.train.progress,
+                progress=progress,
             )
-            train_loss = total.item() / n_train  # the one host sync of the epoch
+            train_loss = sum_over_ranks(summed).item() / n_train  # the epoch's one host sync
             seconds = time.perf_counter() - started
             if not math.isfinite(train_loss):  # before the validation's checks see NaN weights
                 raise diverged(run_dir, epoch + 1, step, f"train -ELBO {train_loss}", kept)
@@ -219,17 +275,20 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
             **(hooks.epoch_metrics() if hooks is not None else {}),
         }
         rows = [*rows, row]
+        every_rng = gather(rng_state(batch_order))  # each rank's streams, for --resume
         state = {
             "config": to_dict(cfg),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch + 1,
             "step": step,
-            "rng": rng_state(batch_order),
+            "rng": every_rng[0],
+            **({"rng_ranks": every_rng, "world_size": me.size} if me.size > 1 else {}),
         }
-        runs.save_epoch(run_dir, state, rows)
+        if me.main:  # rank 0 writes
+            runs.save_epoch(run_dir, state, rows)
         state["history"] = rows
-        if cfg.train.progress:
+        if progress:
             tqdm.write(
                 f"epoch {epoch + 1:>4}  train -ELBO {train_loss:9.3f}  val -ELBO {val_loss:9.3f}"
                 f"  {seconds:6.1f}s  {n_train / seconds:8.0f} img/s"

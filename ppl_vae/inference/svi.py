@@ -49,6 +49,10 @@ class SVIStep:
         self.fast = fast
         self.scheduler = scheduler
         self.calls = 0
+        self.denominator: float | None = None
+        """Divides the summed loss before backward (default: the batch size). Under
+        DistributedDataParallel, which averages gradients over the N ranks, it is the global
+        batch over N, so the step is that of one process on the whole global batch."""
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Take one step on the batch ``x``; returns the detached −ELBO summed over the batch."""
@@ -60,11 +64,14 @@ class SVIStep:
             with pyro.validation_enabled(False):
                 loss = self.loss_fn(x)
         self.calls += 1
-        (loss / x.shape[0]).backward()
+        denominator = self.denominator or x.shape[0]
+        (loss / denominator).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None:
             self.scheduler.step()
+        if math.isinf(denominator):  # a stand-in batch that only keeps the ranks in step
+            return torch.zeros_like(loss.detach())
         return loss.detach()
 
     def check(self, x: torch.Tensor) -> None:
