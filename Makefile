@@ -55,6 +55,7 @@ bench: setup data
 	$(BIN)/python -m benchmarks.eval_throughput $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.eval_throughput --images 10000 --repeats 1 --no-plain $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.zoo_throughput --repeats 3 $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.ddp_scaling $(BENCH_ARGS)
 
 # ruff, and the one-way layers of pyproject.toml's import-linter contract (a lower layer that
 # imports a higher one fails the build).

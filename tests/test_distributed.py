@@ -247,3 +247,76 @@ def pid_alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+# ----------------------------------------------------------------------------- the VAE's gradient
+
+REPLICATES, BATCH, DIRECTIONS = 200, 16, 4
+
+
+def gradient_setup():
+    """A small VAE (fixed initial weights), a fixed binary batch and fixed random directions
+    onto which the flattened gradient is projected."""
+    from ppl_vae.inference.objectives import ObjectiveConfig, loss_module
+    from ppl_vae.models import VAE
+
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(z_dim=2, hidden=(16,)))
+    x = torch.bernoulli(torch.full((BATCH, 784), 0.3), generator=torch.Generator().manual_seed(1))
+    n = sum(p.numel() for p in model.parameters())
+    directions = torch.randn(DIRECTIONS, n, generator=torch.Generator().manual_seed(2))
+    return model, loss_module(model, ObjectiveConfig("trace")), x, directions.double()
+
+
+def projected(model, directions) -> torch.Tensor:
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+    model.zero_grad(set_to_none=True)
+    return directions @ flat
+
+
+def gradient_worker(rank: int, port: int, seed: int, out) -> None:
+    """One rank of 2: the first step's gradient, DDP-averaged, for every replicate's streams."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model, loss_fn, x, directions = gradient_setup()
+        ddp = torch.nn.parallel.DistributedDataParallel(train.DistributedLoss(model, loss_fn))
+        rows = []
+        for r in range(REPLICATES):
+            torch.manual_seed(distributed.stream_seed(seed * REPLICATES + r, rank))
+            (ddp(x[rank::2]) / (BATCH / 2)).backward()  # the denominator of train._train
+            rows.append(projected(model, directions))
+        if rank == 0:
+            out.put(torch.stack(rows).tolist())  # plain numbers: no shared memory
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.stat(comparisons=DIRECTIONS)
+def test_vae_first_step_gradient_on_two_processes_equals_one_in_expectation(seed):
+    """Estimand: E[g_2] - E[g_1] = 0 for the first step's gradient (projected on 4 fixed
+    directions) of 2 DDP ranks (each its own ε stream, half the batch, gradients averaged)
+    and of one process on the whole batch; 200 independent pairs, two-sided, k =
+    k_two_sided(200)."""
+    from stats import assert_mc_close
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    out = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=gradient_worker, args=(r, port, seed, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    model, loss_fn, x, directions = gradient_setup()
+    single = []
+    for r in range(REPLICATES):
+        torch.manual_seed(distributed.stream_seed(seed * REPLICATES + r, 7))  # independent
+        (loss_fn(x) / BATCH).backward()
+        single.append(projected(model, directions))
+    double = torch.tensor(out.get(), dtype=torch.float64)
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0, p.exitcode
+    differences = double - torch.stack(single)
+    assert differences.std(0).min() > 0  # real noise on both sides
+    assert_mc_close(differences, 0.0, what="E[g_2 processes] - E[g_1 process]")
