@@ -162,6 +162,39 @@ def shard(batch: torch.Tensor) -> torch.Tensor:
     return batch if me.size == 1 else batch[me.rank :: me.size]
 
 
+STAND_IN = {"now": False}
+"""Set by the training loop while a rank steps on a zero-weight stand-in batch (a last batch
+with fewer images than ranks): :func:`gather_rows` then contributes no rows for it."""
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """The global batch whose rank-strided shards (:func:`shard`) the ranks hold, rows in
+    their global order, on every rank (a quantizer's statistics over the whole batch)."""
+    me = world()
+    if me.size == 1:
+        return local
+    if STAND_IN["now"]:
+        local = local[:0]
+    sizes = [torch.zeros((), dtype=torch.long, device=local.device) for _ in range(me.size)]
+    dist.all_gather(sizes, torch.tensor(local.shape[0], device=local.device))
+    counts = [int(s) for s in sizes]
+    padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(me.size)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((sum(counts), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    for r, (part, n) in enumerate(zip(parts, counts, strict=True)):
+        out[r :: me.size] = part[:n]
+    return out
+
+
+def from_rank0(value: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``value`` on every rank (a random choice that all ranks must share)."""
+    if world().size > 1:
+        dist.broadcast(value, src=0)
+    return value
+
+
 def barrier() -> None:
     """Wait until every rank is here (rank 0's files are written before others read them)."""
     if world().size > 1:

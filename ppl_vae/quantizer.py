@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from ppl_vae.distributed import from_rank0, gather_rows, world
+
 
 def nearest_code(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook row (squared Euclidean distance) for each row of ``vectors``.
@@ -139,11 +141,14 @@ class Quantizer(nn.Module):
     def record(self, z_e: torch.Tensor, codes: torch.Tensor) -> None:
         """Training-time bookkeeping: usage counts, the EMA update, the batch kept for revival."""
         flat = z_e.detach().movedim(1, -1).reshape(-1, z_e.shape[1])
+        if world().size > 1:  # the whole global batch: every rank updates as one process would
+            rows = gather_rows(z_e.detach())
+            flat = rows.movedim(1, -1).reshape(-1, z_e.shape[1])
         if not bool(self.initialized):
             self.seed_codes(torch.arange(self.codebook_size, device=flat.device), flat)
             self.initialized.fill_(True)
             codes.copy_(self.codes(z_e))
-        flat_codes = codes.reshape(-1)
+        flat_codes = codes.reshape(-1) if world().size == 1 else nearest_code(flat, self.codebook)
         counts = torch.bincount(flat_codes, minlength=self.codebook_size).to(flat.dtype)
         self.epoch_counts += counts
         self.window_counts += counts
@@ -173,7 +178,8 @@ class Quantizer(nn.Module):
     ) -> None:
         """Set the codes ``which`` to randomly chosen rows of ``vectors`` (with replacement)."""
         pick = torch.randint(vectors.shape[0], (which.numel(),), generator=generator)
-        chosen = vectors[pick.to(vectors.device)]
+        pick = from_rank0(pick.to(vectors.device))  # rank 0 chooses for all ranks
+        chosen = vectors[pick]
         self.codebook[which] = chosen
         if self.ema:
             self.ema_cluster_size[which] = 1.0

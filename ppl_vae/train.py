@@ -24,7 +24,16 @@ from tqdm.auto import tqdm
 
 from ppl_vae import data, files, runs
 from ppl_vae.config import RunConfig, TrainConfig, check_fits, to_dict
-from ppl_vae.distributed import barrier, broadcast, gather, seeded, shard, stream_seed, world
+from ppl_vae.distributed import (
+    STAND_IN,
+    barrier,
+    broadcast,
+    gather,
+    seeded,
+    shard,
+    stream_seed,
+    world,
+)
 from ppl_vae.distributed import total as sum_over_ranks
 from ppl_vae.errors import ConfigError, Diverged, RunDirError, UserError
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, make_elbo
@@ -103,7 +112,8 @@ def fit(
     model = build(cfg.model).to(device)  # the same initial weights on every rank
     if me.size > 1:
         check_distributable(model)
-        torch.manual_seed(stream_seed(cfg.train.seed, me.rank))  # each rank's own draws
+        if not me.main:  # each rank its own draws; rank 0 keeps one process's stream
+            torch.manual_seed(stream_seed(cfg.train.seed, me.rank))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, eps=cfg.train.adam_eps)
     batch_order = torch.Generator().manual_seed(cfg.train.seed)
     start_epoch, step, rows, state = 0, 0, [], None
@@ -192,8 +202,8 @@ def check_distributable(model: torch.nn.Module) -> None:
     fit parts after training are not shared over processes yet: refused in one line."""
     names = {name for name, _ in model.named_parameters()}
     buffers = sorted(set(model.state_dict()) - names)
-    if buffers or isinstance(model, AuxiliaryFits):
-        what = f"buffers {', '.join(buffers[:3])}" if buffers else "parts fitted after training"
+    if buffers and not getattr(model, "syncs_buffers", False):
+        what = f"buffers {', '.join(buffers[:3])}"
         raise ConfigError(
             f"{type(model).__name__} has {what}, which distributed training does not share "
             "over processes yet; train it as one process (without torchrun)"
@@ -207,7 +217,15 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
     me = world()
     if me.size > 1:  # gradients all-reduced on every call, through DDP's forward
         ids = [model.device.index] if model.device.type == "cuda" else None
+        # parts fitted after training (a code prior) take no part in the loss: left out of
+        # DDP, which would otherwise wait for their gradients
+        later = [p for aux in (model.auxiliary_fits() if isinstance(model, AuxiliaryFits)
+                               else []) for p in aux.module.parameters()]  # fmt: skip
+        for p in later:
+            p.requires_grad_(False)
         loss_fn = DistributedDataParallel(DistributedLoss(model, loss_fn), device_ids=ids)
+        for p in later:
+            p.requires_grad_(True)
     elif cfg.fast:
         loss_fn = record(loss_fn, model)  # replayed where that is exact (inference.recording)
     train_step = SVIStep(loss_fn, optimizer, cfg.fast)  # validates its first step
@@ -219,9 +237,11 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
         for images in batches:
             part = shard(images)
             train_step.denominator = images.shape[0] / me.size if me.size > 1 else None
-            if part.shape[0] == 0:  # a last batch smaller than the number of ranks
+            STAND_IN["now"] = part.shape[0] == 0
+            if STAND_IN["now"]:  # a last batch smaller than the number of ranks
                 part, train_step.denominator = images[:1], math.inf
             yield data.to_input(part, mode)
+        STAND_IN["now"] = False
     hooks = model if isinstance(model, TrainingHooks) else None
 
     def before_step() -> None:

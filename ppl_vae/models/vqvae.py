@@ -165,6 +165,11 @@ class VQVAE(ImageModel):
         self.code_prior = CodePrior(cfg.codebook_size, cfg.grid, cfg.code_prior)
         self.register_buffer("code_prior_fitted", torch.tensor(False))
 
+    syncs_buffers = True
+    """Distributed training: the quantizer computes its usage counts, EMA statistics and code
+    seeding from the whole global batch (gathered) with rank 0's random choices, so its buffers
+    stay equal on every rank; the code prior is fitted alike on every rank."""
+
     def prior(self, x: torch.Tensor) -> UniformCodebook:
         """p(z): uniform over the codes at every grid position, batch-shaped like ``x``."""
         return UniformCodebook(self.quantizer.codebook.detach(), self.config.grid, (x.shape[0],))
