@@ -79,9 +79,9 @@ class DataConfig:
                 ) from None
             object.__setattr__(self, "data_dir", folder.absolute())
 
-    def split_sizes(self, n: int, source: Path | str) -> tuple[int, int]:
-        """(training, validation) images out of a training file of ``n``; a split that leaves
-        either empty is a user error."""
+    def val_size_of(self, n: int, source: Path | str) -> int:
+        """Validation images out of a training file of ``n``; a split that leaves either part
+        empty is a user error."""
         if n < 2:
             raise DataError(
                 f"{source}: holds {n} training image(s); at least 2 are needed (one for "
@@ -93,7 +93,7 @@ class DataConfig:
                 f"--data.val-size {val}: {source} holds {n} training images, so no training "
                 f"images are left; pass --data.val-size between 1 and {n - 1}"
             )
-        return n - val, val
+        return val
 
 
 def how_to_get(dataset: str) -> str:
@@ -312,7 +312,7 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
         )
     train_images, train_labels = arrays["train_images"], arrays["train_labels"].long()
     n = train_images.shape[0]
-    _, val_size = cfg.split_sizes(n, files["train_images"])
+    val_size = cfg.val_size_of(n, files["train_images"])
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = perm[: n - val_size].sort().values, perm[n - val_size :].sort().values
     splits = {

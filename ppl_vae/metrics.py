@@ -32,6 +32,7 @@ from ppl_vae.errors import check
 from ppl_vae.inference import weights
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, own_parameters
 from ppl_vae.inference.recording import RecordedLogWeights, recordable
+from ppl_vae.inference.svi import check_program
 from ppl_vae.models.capabilities import Codebook, ExplicitPrior, GaussianGuide, LearnedCodePrior
 from ppl_vae.quantizer import perplexity
 
@@ -82,8 +83,7 @@ def neg_elbo(
     def batch_loss(x: torch.Tensor) -> torch.Tensor:
         nonlocal first
         if first and validate and fast:
-            with seeded(0, x.device), pyro.validation_enabled(True):
-                loss_fn(x)  # the checks alone
+            check_program(loss_fn, x)
         first = False
         with pyro.validation_enabled(validate and not fast):
             return loss_fn(x)
@@ -132,9 +132,10 @@ def log_likelihood(
 
     def estimate(x: torch.Tensor) -> torch.Tensor:
         nonlocal validated
-        if validate and fast and not validated:
-            with seeded(0, x.device), pyro.validation_enabled(True):  # the checks alone
-                weights.log_weights(model.model, model.guide, x, 1, own_params=own)
+        if validate and fast and not validated:  # one particle is enough for the checks
+            check_program(
+                lambda x: weights.log_weights(model.model, model.guide, x, 1, own_params=own), x
+            )
         validated = True
         acc = None
         for size in chunks:

@@ -102,7 +102,7 @@ def fit(
     """
     if resume is not None:
         run_dir = Path(resume)
-        cfg = runs.read_config(run_dir)
+        cfg = runs.open_for_writing(run_dir, runs.CHECKPOINT)
         if epochs is not None:
             cfg = replace(cfg, train=replace(cfg.train, epochs=epochs))
     cfg = cfg or RunConfig()
@@ -134,8 +134,6 @@ def fit(
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
             raise RunDirError(f"{path}: its epoch, step or random state is damaged") from None
         rows = runs.history(state, run_dir)
-        files.remove_stale_temps(run_dir)
-        files.check_writable(run_dir, runs.disk_hint(run_dir))
     dataset = dataset or data.load(cfg.data, device)
     check_fits(cfg, dataset.train.num_pixels, dataset.files.get("train_images", dataset.name))
     source, mode = data.train_source(cfg.data, dataset.train, len(dataset.val))

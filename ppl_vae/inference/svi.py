@@ -75,18 +75,23 @@ class SVIStep:
         return loss.detach()
 
     def check(self, x: torch.Tensor) -> None:
-        """Run the loss once with Pyro's validation on, for its checks alone (no gradients,
-        random draws undone)."""
-        devices = [x.device.index or 0] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            with pyro.validation_enabled(True):
-                self.loss_fn(x)
+        """Run the loss once with Pyro's validation on, for its checks alone."""
+        check_program(self.loss_fn, x)
 
     @staticmethod
     def check_finite(total: float, where: str) -> None:
         """Warn, as Pyro's per-step validation would, when a read-back loss is NaN or ±inf."""
         if not math.isfinite(total):
             warnings.warn(f"-ELBO is {total} in {where}: training diverged", stacklevel=2)
+
+
+def check_program(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> None:
+    """Run ``fn(x)`` once with Pyro's validation on, for its checks alone: no gradients, and
+    its random draws undone, so what runs after it draws as if it had not run."""
+    devices = [x.device.index or 0] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with pyro.validation_enabled(True):
+            fn(x)
 
 
 def run_svi(
