@@ -6,7 +6,9 @@ CPU, NCCL with one GPU per process on CUDA): ``SVIStep`` over
 global batch (rows rank, rank + N, ...), one torch thread per process on the CPU. Rounds
 alternate the process counts (1, N, N, 1, ...); each round starts fresh processes and times a
 block of steps after a warm-up inside them. Communication is the time of the same block with
-the all-reduce left out (``DDP.no_sync()``, for timing only) subtracted from the real one.
+the all-reduce left out (``DDP.no_sync()``, for timing only) subtracted from the real one. The
+idle all-reduce is one ``all_reduce`` of the gradient's bytes with no training running: the
+floor of what the step's communication can cost.
 
 The scaling efficiency is (images/s with N) / (N · images/s with 1), the median over rounds of
 the paired ratios.
@@ -76,18 +78,34 @@ def worker(rank, size, port, batch, steps, warmup, device_name, results):
         block(warmup)
         seconds = block(steps)
         local = seconds
+        idle = 0.0
         if ddp is not None:
             with ddp.no_sync():
                 local = block(steps)
+            idle = idle_all_reduce(model, steps)
         if rank == 0:
-            results.put((seconds, seconds - local))
+            results.put((seconds, seconds - local, idle))
     finally:
         if size > 1:
             dist.destroy_process_group()
 
 
-def measure(size, batch, steps, warmup, device_name) -> tuple[float, float]:
-    """(images/s, seconds of communication per step) of one fresh group of ``size``."""
+def idle_all_reduce(model: torch.nn.Module, steps: int) -> float:
+    """Seconds of one all-reduce of the gradient's bytes with nothing else running."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for _ in range(3):
+        dist.all_reduce(flat)
+    dist.barrier()
+    started = time.perf_counter()
+    for _ in range(steps):
+        dist.all_reduce(flat)
+    dist.barrier()
+    return (time.perf_counter() - started) / steps
+
+
+def measure(size, batch, steps, warmup, device_name) -> tuple[float, float, float]:
+    """(images/s, seconds of communication per step, seconds of an idle all-reduce of the
+    gradient) of one fresh group of ``size``."""
     ctx = mp.get_context("spawn")
     results = ctx.SimpleQueue()
     port = free_port()
@@ -101,8 +119,8 @@ def measure(size, batch, steps, warmup, device_name) -> tuple[float, float]:
         p.join()
         if p.exitcode != 0:
             raise RuntimeError(f"a worker of {size} process(es) exited with {p.exitcode}")
-    seconds, comm = results.get()
-    return steps * batch / seconds, comm / steps
+    seconds, comm, idle = results.get()
+    return steps * batch / seconds, comm / steps, idle
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,22 +138,27 @@ def main(argv: list[str] | None = None) -> None:
         return
     print(f"# {machine(torch.device(device_name), 1)} | one torch thread per process")
     print(f"DDP scaling, default VAE (784-512-256-32), 1 vs {n} processes, {args.repeats} rounds")
-    print("| global batch | 1 process img/s | N processes img/s | efficiency | comm ms/step |")
-    print("|---|---|---|---|---|")
+    print(
+        "| global batch | 1 process img/s | N processes img/s | efficiency | comm ms/step "
+        "| idle all-reduce ms |"
+    )
+    print("|---|---|---|---|---|---|")
     for batch in args.batch_sizes:
         steps = max(2, args.images // batch)
         ips = {1: [], n: []}
-        comm = []
+        comm, idle = [], []
         for r in range(args.repeats):
-            for size in ((1, n) if r % 2 == 0 else (n, 1)):
-                value, c = measure(size, batch, steps, args.warmup, device_name)
+            for size in (1, n) if r % 2 == 0 else (n, 1):
+                value, c, i = measure(size, batch, steps, args.warmup, device_name)
                 ips[size].append(value)
                 if size == n:
                     comm.append(c)
+                    idle.append(i)
         efficiency = statistics.median(b / (n * a) for a, b in zip(ips[1], ips[n], strict=True))
         print(
             f"| {batch} | {statistics.median(ips[1]):.0f} | {statistics.median(ips[n]):.0f} "
-            f"| {efficiency:.1%} | {1000 * statistics.median(comm):.2f} |"
+            f"| {efficiency:.1%} | {1000 * statistics.median(comm):.2f} "
+            f"| {1000 * statistics.median(idle):.2f} |"
         )
 
 
