@@ -42,6 +42,12 @@ class TrainConfig:
     """Seeds torch, Pyro and the batch order."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto picks cuda when available."""
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
+    """Arithmetic of the training steps. tf32: float32 matmuls and convolutions on TensorFloat-32
+    tensor cores (CUDA only; on the CPU the same as fp32). bf16: the networks run under
+    bfloat16 autocast (CPU or CUDA) and hand float32 outputs on, so log-densities, the ELBO's
+    sums, a VQ-VAE's distances and EMA statistics stay float32; parameters, gradients and
+    Adam's state stay float32. Validation, evaluation and the code prior's fit run in fp32."""
     progress: bool = True
     """Show progress bars (they stay quiet when output is not a terminal)."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,6 +111,7 @@ def fit(
     device = data.resolve_device(cfg.train.device, "--train.device")
     seed_everything(cfg.train.seed)
     model = build(cfg.model).to(device)  # the same initial weights on every rank
+    check_precision(model, cfg.train.precision)
     if me.size > 1:
         check_distributable(model)
         if not me.main:  # each rank its own draws; rank 0 keeps one process's stream
@@ -179,6 +181,49 @@ def fit(
                 tqdm.write("  ".join(f"{k} {v:.4g}" for k, v in auxiliary.items()))
     barrier()  # rank 0's last checkpoint is on disk before any rank reads it
     return run_dir
+
+
+def check_precision(model: torch.nn.Module, name: str) -> None:
+    """bf16 needs a model that runs its networks through ``network`` (``mixed_precision``)."""
+    if name == "bf16" and not getattr(model, "mixed_precision", False):
+        raise ConfigError(
+            f"--train.precision bf16: {type(model).__name__} does not run its networks through "
+            "LatentVariableModel.network, so bf16 would not reach them; use fp32 or tf32"
+        )
+
+
+@contextmanager
+def precision(model: torch.nn.Module, name: str):
+    """The training steps' arithmetic (``--train.precision``) inside the block, fp32 after it.
+
+    bf16 sets the model's ``autocast`` dtype (see ``LatentVariableModel.network``); tf32 lets
+    CUDA's float32 matmuls and cuDNN's convolutions use TensorFloat-32 and puts back the
+    settings it found."""
+    if name == "fp32":
+        yield
+        return
+    if name == "bf16":
+        model.autocast = torch.bfloat16
+        try:
+            yield
+        finally:
+            del model.autocast
+        return
+    # torch >= 2.9 names the setting fp32_precision; older releases allow_tf32
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        flags = [(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                 (torch.backends.cudnn.conv, "fp32_precision", "tf32")]  # fmt: skip
+    else:
+        flags = [(torch.backends.cuda.matmul, "allow_tf32", True),
+                 (torch.backends.cudnn, "allow_tf32", True)]  # fmt: skip
+    before = [getattr(owner, attr) for owner, attr, _ in flags]
+    for owner, attr, value in flags:
+        setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        for (owner, attr, _), value in zip(flags, before, strict=True):
+            setattr(owner, attr, value)
 
 
 class DistributedLoss(torch.nn.Module):
@@ -260,14 +305,15 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
         batches = data.batches(source, cfg.train.batch_size, batch_order)
         kept = state["epoch"] if state is not None else None
         try:
-            summed = run_svi(
-                train_step,
-                inputs(batches),
-                before_step=before_step,
-                total=steps_per_epoch,
-                desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-                progress=progress,
-            )
+            with precision(model, cfg.train.precision):
+                summed = run_svi(
+                    train_step,
+                    inputs(batches),
+                    before_step=before_step,
+                    total=steps_per_epoch,
+                    desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                    progress=progress,
+                )
             train_loss = sum_over_ranks(summed).item() / n_train  # the epoch's one host sync
             seconds = time.perf_counter() - started
             if not math.isfinite(train_loss):  # before the validation's checks see NaN weights

@@ -22,16 +22,18 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 
 from benchmarks.reference_vae import ReferenceStep, ReferenceVAE, reference_log_likelihood
+from ppl_vae import data
 from ppl_vae.config import ObjectiveConfig
 from ppl_vae.distributed import stream_seed
 from ppl_vae.inference import recording, weights
 from ppl_vae.inference.estimators import LeanTrace_ELBO
 from ppl_vae.inference.objectives import loss_module
 from ppl_vae.inference.recording import RecordedLogWeights, RecordedLoss, record
-from ppl_vae.inference.svi import SVIStep
+from ppl_vae.inference.svi import SVIStep, run_svi
 from ppl_vae.metrics import log_likelihood, neg_elbo
 from ppl_vae.models import REGISTRY, VAE, VAEConfig, build, default_config
 from ppl_vae.models.capabilities import TrainingHooks
+from ppl_vae.train import precision
 
 CONFIG = VAEConfig(z_dim=3, hidden=(8,), x_dim=10)
 CPU = torch.device("cpu")
@@ -506,6 +508,36 @@ def test_cuda_steps_do_not_synchronize(seed, recorded):
     try:
         for _ in range(3):
             total += step(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(total).item()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+@pytest.mark.parametrize("precision_name", ["fp32", "tf32", "bf16"])
+def test_cuda_epoch_loop_does_not_synchronize(seed, precision_name):
+    """The training loop as ``fit`` runs it (a seeded permutation moved to the device, index
+    gathers, dynamic binarization, the recorded step, the loss summed on the device) makes no
+    host synchronization after its warm-up steps, at every --train.precision."""
+    device = torch.device("cuda")
+    torch.manual_seed(seed)
+    model = VAE(VAEConfig(z_dim=4, hidden=(32,))).to(device)
+    source = torch.randint(0, 256, (64 * 8, 28, 28), dtype=torch.uint8, device=device)
+    step = SVIStep(record(loss_module(model, ObjectiveConfig()), model),
+                   torch.optim.Adam(model.parameters(), lr=1e-3))  # fmt: skip
+    order = torch.Generator().manual_seed(seed)
+
+    def epoch():
+        inputs = (data.to_input(b, "dynamic") for b in data.batches(source, 64, order))
+        with precision(model, precision_name):
+            return run_svi(step, inputs)
+
+    epoch()  # validated first step, lean steps, the recording
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = epoch()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(total).item()

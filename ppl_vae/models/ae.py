@@ -50,6 +50,7 @@ class AE(ImageModel):
     """
 
     recordable = True
+    mixed_precision = True
 
     def __init__(self, config: AEConfig):
         super().__init__()
@@ -75,7 +76,7 @@ class AE(ImageModel):
     def guide(self, x: torch.Tensor) -> None:
         pyro.module("encoder", self.encoder)
         with pyro.plate("data", x.shape[0]):
-            pyro.sample("z", dist.Delta(self.encoder(x), event_dim=1))
+            pyro.sample("z", dist.Delta(self.network(self.encoder, x), event_dim=1))
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)

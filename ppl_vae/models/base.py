@@ -44,6 +44,27 @@ class LatentVariableModel(PyroModule):
     decisions depend only on input shapes and on its modules' attributes. It is read off the
     model's own class, so a subclass is not recorded unless it sets it again."""
 
+    mixed_precision: ClassVar[bool] = False
+    """Set by a class whose ``model`` and ``guide`` call every network through
+    :meth:`network`, so that ``--train.precision bf16`` reaches all of them; training refuses
+    bf16 for the others."""
+    autocast: torch.dtype | None = None
+    """The dtype :meth:`network` runs networks in (None: as their parameters, float32).
+    Training sets it on the instance for its steps only (``ppl_vae.train``)."""
+
+    def network(self, net: torch.nn.Module, *inputs: torch.Tensor):
+        """``net(*inputs)``; with :attr:`autocast` set, the network runs under
+        :func:`torch.autocast` in that dtype and its outputs come back as float32, so that
+        the log-densities, the ELBO's sums, a quantizer's distances and its statistics, all
+        computed outside, stay float32."""
+        if self.autocast is None:
+            return net(*inputs)
+        with torch.autocast(inputs[0].device.type, dtype=self.autocast):
+            out = net(*inputs)
+        if isinstance(out, torch.Tensor):
+            return out.float()
+        return type(out)(o.float() for o in out)
+
     def model(self, x: torch.Tensor) -> None:
         raise NotImplementedError
 

@@ -157,7 +157,7 @@ class ImageModel(LatentVariableModel):
 
     def observe(self, x: torch.Tensor, z: torch.Tensor) -> None:
         """The observation site ``"x"`` given z, inside the caller's ``"data"`` plate."""
-        pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+        pyro.sample("x", self.likelihood(self.network(self.decoder, z)), obs=x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.likelihood.mean(self.decoder(z))

@@ -67,6 +67,7 @@ class VAE(ImageModel):
     """
 
     recordable = True
+    mixed_precision = True
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -98,7 +99,7 @@ class VAE(ImageModel):
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z|x) = N(z_loc, diag z_scale²) from the encoder."""
-        z_loc, z_scale = self.encoder(x)
+        z_loc, z_scale = self.network(self.encoder, x)
         return dist.Normal(z_loc, z_scale).to_event(1)
 
     def model(self, x: torch.Tensor) -> None:

@@ -137,6 +137,8 @@ class VQVAE(ImageModel):
     :param VQVAEConfig config: networks, codebook, auxiliary loss, code prior.
     """
 
+    mixed_precision = True  # the quantizer, outside network(), stays float32
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         self.config = config
@@ -186,7 +188,7 @@ class VQVAE(ImageModel):
         pyro.module("encoder", self.encoder)
         pyro.module("quantizer", self.quantizer)
         with pyro.plate("data", x.shape[0]):
-            z_q, codes, aux = self.quantizer(self.encoder(x))
+            z_q, codes, aux = self.quantizer(self.network(self.encoder, x))
             pyro.sample("z", dist.Delta(z_q, event_dim=3))
             if self.training:
                 # A guide factor counts as part of log q(z|x), which the ELBO subtracts: +aux
