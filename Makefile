@@ -1,5 +1,6 @@
 # `make run`: set up and train the default VAE.  `make test`: set up and run the tests.
 # `make bench`: the CPU benchmarks of benchmarks/ (ppl_vae vs hand-written PyTorch).
+# `make bench-gpu`: the GPU figures in one command (benchmarks/gpu_check.sh, under 8 minutes).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: run test test-slow test-stat-sweep lint data setup clean bench
+.PHONY: run test test-slow test-stat-sweep lint data setup clean bench bench-gpu
 BENCH_ARGS ?=
 
 setup: $(STAMP)
@@ -56,6 +57,15 @@ bench: setup data
 	$(BIN)/python -m benchmarks.eval_throughput --images 10000 --repeats 1 --no-plain $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.zoo_throughput --repeats 3 $(BENCH_ARGS)
 	$(BIN)/python -m benchmarks.ddp_scaling $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.precision $(BENCH_ARGS)
+
+# The GPU figures of benchmarks/RESULTS.md, under 8 minutes on one H100/H200, installing
+# nothing beyond setup: the CUDA tests, step/zoo/evaluation throughput, a default training run
+# and the 1-process torchrun path, each under a timeout; prints a results block to paste.
+# BENCH_ARGS goes to the script: "--out DIR", "--data-dir DIR", or "--device cpu --tiny" (the
+# dry run that tests/test_gpu_check.py runs in `make test`).
+bench-gpu: setup data
+	bash benchmarks/gpu_check.sh $(BENCH_ARGS)
 
 # ruff, and the one-way layers of pyproject.toml's import-linter contract (a lower layer that
 # imports a higher one fails the build).
