@@ -381,7 +381,7 @@ def cmd_sample(argv: list[str]) -> int:
         parser.error(f"argument -o: folder {output.parent} does not exist")
     files.check_writable(output.parent, "pass -o with a writable folder")
     cfg, model, _ = runs.load_model(args.run_dir, data.resolve_device(args.device))
-    shape = data.IMAGE_SHAPE[cfg.data.dataset]
+    shape = data.image_shape(cfg.data, runs.data_source(args.run_dir))
     with seeded(args.seed), files.Staged(output.parent, "pass -o elsewhere") as stage:
         plots.samples_figure(model, stage.path(output.name), shape, args.n, args.nrow)
     print(f"written: {output}")

@@ -92,6 +92,33 @@ class RunConfig:
         self.model.check_data(self.data.binarization)  # e.g. Bernoulli needs binarized pixels
 
 
+DEFAULT_INPUT = (784, 1)  # (x_dim, channels) of an image model config left at its defaults
+
+
+def shaped_for(cfg: RunConfig, shape: tuple[int, int, int], source: Path | str) -> RunConfig:
+    """``cfg`` with an image model left at the default input (784 values, 1 channel) given the
+    data's: x_dim = C·H·W and its channels. Flags given for another shape are left as they are
+    (:func:`check_fits` then names them); --model.channels must match the data's."""
+    model = cfg.model
+    if not hasattr(model, "x_dim"):
+        return cfg
+    x_dim, channels = math.prod(shape), shape[0]
+    current = (model.x_dim, getattr(model, "channels", 1))
+    if current == DEFAULT_INPUT and (x_dim, channels) != DEFAULT_INPUT:
+        side = f"{shape[1]}x{shape[2]}"
+        try:
+            return replace(cfg, model=replace(model, x_dim=x_dim, channels=channels))
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {side} images with {channels} channel(s) do not fit "
+                              f"this model ({err})") from None  # fmt: skip
+    if hasattr(model, "channels") and model.channels != channels and model.x_dim == x_dim:
+        raise ConfigError(
+            f"--model.channels {model.channels}: the images of {source} have {channels} "
+            f"channel(s); pass --model.channels {channels}"
+        )
+    return cfg
+
+
 def check_fits(cfg: RunConfig, num_pixels: int, source: Path | str) -> None:
     """The model's input size must be that of the dataset's images."""
     x_dim = getattr(cfg.model, "x_dim", None)

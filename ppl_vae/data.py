@@ -35,11 +35,13 @@ from typing import Literal
 
 import torch
 
+from ppl_vae import sources
 from ppl_vae.distributed import device_for
 from ppl_vae.errors import ConfigError, DataError, check
 
 VAL_SIZE = 10_000
 SPLIT_SEED = 20151101  # fixes the train/validation split; independent of the run seed
+TEST_SPLIT_SEED = 20171102  # fixes the test images held out of a source without a test split
 EVAL_BINARIZE_SEED = 1234  # fixes the binarization of validation/test images for evaluation
 DEBIAN_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 TORCHVISION_CLASS = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}
@@ -53,14 +55,41 @@ FILES = {
 IDX_UBYTE = 0x08  # the only element type these datasets use
 
 
+Source = Literal[
+    "fashion-mnist", "mnist", "kmnist", "emnist", "cifar10", "svhn", "folder", "array"
+]
+Layout = Literal["auto", "nhwc", "nchw"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: Literal["fashion-mnist", "mnist"] = "fashion-mnist"
-    """Which dataset to train on."""
+    dataset: Source = "fashion-mnist"
+    """Which data: fashion-mnist, mnist (IDX files); kmnist, emnist, cifar10, svhn
+    (torchvision's layout under --data.data-dir, or a download); folder (PNG/JPEG images in
+    --data.data-dir); array (a .npy/.npz/.pt file of uint8 images, --data.file)."""
     data_dir: Path | None = None
-    """Folder with the four IDX files (.gz or not); default: Debian's copy, else a download."""
-    binarization: Literal["dynamic", "static", "none"] = "dynamic"
-    """dynamic: a fresh Bernoulli draw per batch; static: one fixed draw; none: intensities."""
+    """Folder with the four IDX files (.gz or not), torchvision's root for kmnist/emnist, or
+    the image folder (folder); default: Debian's copy of Fashion-MNIST, else a download."""
+    file: Path | None = None
+    """The array file of --data.dataset array: .npy (memory-mapped), .npz or .pt."""
+    layout: Layout = "auto"
+    """How an array's 4-d images are laid out: nhwc, nchw, or auto (inferred when only one
+    axis can be the channels: 1, 3 or 4 values)."""
+    image_size: int = 0
+    """folder: resize (shorter side) and centre-crop every image to this side (0: keep the
+    images' own size, which must then be the same for all)."""
+    emnist_split: Literal["balanced", "byclass", "bymerge", "digits", "letters", "mnist"] = (
+        "balanced"
+    )
+    """Which EMNIST split (--data.dataset emnist)."""
+    test_size: int = 0
+    """Sources without a test split (a folder without test/, an array without test images):
+    test images held out of the training images (0: 10,000, or a seventh of fewer than
+    70,000)."""
+    binarization: Literal["dynamic", "static", "none", "dequantize"] = "dynamic"
+    """dynamic: a fresh Bernoulli draw per batch; static: one fixed draw; none: the 8-bit values
+    k/255; dequantize: (k + u)/256 with u ~ U[0, 1) per value, drawn afresh per batch (validation
+    and test: one fixed seeded draw), for the continuous likelihoods."""
     train_subset: int = 0
     """Train on the first N training images only (0 = all of the training split)."""
     val_size: int = 0
@@ -70,30 +99,49 @@ class DataConfig:
     def __post_init__(self) -> None:
         check(self.train_subset >= 0, "--data.train-subset", ">= 0", self.train_subset)
         check(self.val_size >= 0, "--data.val-size", ">= 0", self.val_size)
-        if self.data_dir is not None:  # stored absolute: evaluate works from any folder
+        check(self.test_size >= 0, "--data.test-size", ">= 0", self.test_size)
+        check(self.image_size >= 0, "--data.image-size", ">= 0", self.image_size)
+        for name in ("data_dir", "file"):  # stored absolute: evaluate works from any folder
+            value = getattr(self, name)
+            if value is None:
+                continue
             try:
-                folder = Path(self.data_dir).expanduser()
+                path = Path(value).expanduser()
             except RuntimeError:  # ~user of a user this system does not know
+                flag = "--data." + name.replace("_", "-")
                 raise ConfigError(
-                    f"--data.data-dir {self.data_dir}: unknown user's home folder; pass a path"
+                    f"{flag} {value}: unknown user's home folder; pass a path"
                 ) from None
-            object.__setattr__(self, "data_dir", folder.absolute())
+            object.__setattr__(self, name, path.absolute())
+        if self.dataset == "array" and self.file is None:
+            raise ConfigError(
+                "--data.dataset array: needs --data.file FILE (a .npy, .npz or .pt of uint8 "
+                "images)"
+            )
+        if self.dataset == "folder" and self.data_dir is None:
+            raise ConfigError(
+                "--data.dataset folder: needs --data.data-dir DIR (a folder of PNG/JPEG images)"
+            )
+        if self.image_size and self.dataset != "folder":
+            raise ConfigError(
+                f"--data.image-size {self.image_size}: only used with --data.dataset folder "
+                f"(it is {self.dataset}); leave it out"
+            )
+        if self.layout != "auto" and self.dataset != "array":
+            raise ConfigError(
+                f"--data.layout {self.layout}: only used with --data.dataset array (it is "
+                f"{self.dataset}); leave it out"
+            )
+        if self.file is not None and self.dataset != "array":
+            raise ConfigError(
+                f"--data.file {self.file}: only read with --data.dataset array (it is "
+                f"{self.dataset}); add --data.dataset array or leave --data.file out"
+            )
 
     def val_size_of(self, n: int, source: Path | str) -> int:
         """Validation images out of a training file of ``n``; a split that leaves either part
         empty is a user error."""
-        if n < 2:
-            raise DataError(
-                f"{source}: holds {n} training image(s); at least 2 are needed (one for "
-                "training, one for validation)"
-            )
-        val = self.val_size or max(1, min(VAL_SIZE, n // 6))
-        if val >= n:
-            raise ConfigError(
-                f"--data.val-size {val}: {source} holds {n} training images, so no training "
-                f"images are left; pass --data.val-size between 1 and {n - 1}"
-            )
-        return val
+        return held_out(n, self.val_size, VAL_SIZE, 6, "--data.val-size", source, "validation")
 
 
 def how_to_get(dataset: str) -> str:
@@ -247,7 +295,8 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
 
 @dataclass
 class Split:
-    """Images ``(N, 28, 28)`` uint8 and labels ``(N,)`` int64, both on one device."""
+    """Images uint8 ``(N, 28, 28)`` (IDX files) or ``(N, C, H, W)`` (other sources) and labels
+    ``(N,)`` int64, all on one device."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -268,6 +317,8 @@ class Dataset:
     test: Split
     name: str
     files: dict[str, Path]
+    shape: tuple[int, int, int] = (1, 28, 28)
+    """Channels, height and width of every image."""
 
 
 # Label counts of the 60,000 training images, which tell the two datasets apart whatever their
@@ -286,8 +337,19 @@ def identify(train_labels: torch.Tensor) -> str | None:
     return next((name for name, known in TRAIN_LABEL_COUNTS.items() if known == counts), None)
 
 
-def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
-    """Read, validate and split the dataset; every tensor ends on ``device``."""
+def read_source(cfg: DataConfig) -> sources.Raw:
+    """The images of ``cfg.dataset`` as read from its source, validated, on the CPU."""
+    if cfg.dataset in TORCHVISION_CLASS:
+        return read_idx_source(cfg)
+    if cfg.dataset in sources.TORCHVISION_SOURCES:
+        return sources.read_torchvision(cfg.dataset, cfg.data_dir, cache_dir(), cfg.emnist_split)
+    if cfg.dataset == "folder":
+        return sources.read_folder(cfg.data_dir, cfg.image_size, cache_dir())
+    return sources.read_array(cfg.file, cfg.layout)
+
+
+def read_idx_source(cfg: DataConfig) -> sources.Raw:
+    """Fashion-MNIST or MNIST from their four IDX files; images stay ``(N, 28, 28)``."""
     files = locate(cfg)
     arrays = {key: read_idx(path, cfg.dataset) for key, path in files.items()}
     shape = IMAGE_SHAPE[cfg.dataset][1:]
@@ -310,15 +372,56 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
             f"{files['train_labels']}: these files are {found} (their label counts), but "
             f"--data.dataset is {cfg.dataset}; pass --data.dataset {found}"
         )
-    train_images, train_labels = arrays["train_images"], arrays["train_labels"].long()
+    return sources.Raw(arrays["train_images"], arrays["train_labels"].long(),
+                       arrays["test_images"], arrays["test_labels"].long(), files)  # fmt: skip
+
+
+def held_out(n: int, size: int, default: int, share: int, flag: str, source, what: str) -> int:
+    """How many of ``n`` images a split holds out for ``what`` (validation, test): ``size``,
+    or when 0 ``default`` capped at ``n // share``; a split that leaves either part empty is a
+    user error naming ``flag``."""
+    noun = "training images" if what == "validation" else "images"
+    if n < 2:
+        raise DataError(
+            f"{source}: holds {n} {noun[:-1]}(s); at least 2 are needed (one for training, "
+            f"one for {what})"
+        )
+    k = size or max(1, min(default, n // share))
+    if k >= n:
+        raise ConfigError(
+            f"{flag} {k}: {source} holds {n} {noun}, so no training images are left; pass "
+            f"{flag} between 1 and {n - 1}"
+        )
+    return k
+
+
+def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
+    """Read, validate and split the dataset; every tensor ends on ``device``."""
+    raw = read_source(cfg)
+    files = raw.files
+    source = files.get("train_images") or next(iter(files.values()), cfg.dataset)
+    train_images, train_labels = raw.train_images, raw.train_labels
+    test_images, test_labels = raw.test_images, raw.test_labels
+    if test_images is None:  # no test split of its own: the last images of a seeded order
+        n = train_images.shape[0]
+        test_size = held_out(n, cfg.test_size, VAL_SIZE, 7, "--data.test-size", source, "test")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(TEST_SPLIT_SEED))
+        keep, test = perm[: n - test_size].sort().values, perm[n - test_size :].sort().values
+        test_images, test_labels = train_images[test], train_labels[test]
+        train_images, train_labels = train_images[keep], train_labels[keep]
+    elif cfg.test_size:
+        raise ConfigError(
+            f"--data.test-size {cfg.test_size}: {source} has a test split of its own "
+            f"({test_images.shape[0]} images); leave --data.test-size out"
+        )
     n = train_images.shape[0]
-    val_size = cfg.val_size_of(n, files["train_images"])
+    val_size = cfg.val_size_of(n, source)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     train_idx, val_idx = perm[: n - val_size].sort().values, perm[n - val_size :].sort().values
     splits = {
         "train": Split(train_images[train_idx], train_labels[train_idx]),
         "val": Split(train_images[val_idx], train_labels[val_idx]),
-        "test": Split(arrays["test_images"], arrays["test_labels"].long()),
+        "test": Split(test_images, test_labels),
     }
     for offset, split in enumerate(splits.values()):
         gen = torch.Generator().manual_seed(EVAL_BINARIZE_SEED + offset)
@@ -328,7 +431,8 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
         split.images = split.images.to(device)
         split.labels = split.labels.to(device)
         split.fixed_binary = split.fixed_binary.to(device)
-    return Dataset(name=cfg.dataset, files=files, **splits)
+    shape = raw.shape if train_images.dim() == 4 else (1, *train_images.shape[1:])
+    return Dataset(name=cfg.dataset, files=files, shape=shape, **splits)
 
 
 def fingerprint(path: Path) -> str:
@@ -351,11 +455,33 @@ def source_record(dataset: Dataset, cfg: DataConfig) -> dict:
             "test": len(dataset.test),
             "train_split": len(dataset.train),
         },
+        "shape": list(dataset.shape),
         "files": {
-            key: {"path": str(Path(path).absolute()), "sha256": fingerprint(path)}
+            key: {"path": str(Path(path).absolute()), "sha256": fingerprint_of(path, dataset)}
             for key, path in dataset.files.items()
         },
     }
+
+
+def fingerprint_of(path: Path, dataset: Dataset) -> str:
+    """A file's SHA-256; for an image folder, the SHA-256 of its decoded images and labels
+    (train, validation, test), the content every run of it trains and is tested on."""
+    if not Path(path).is_dir():
+        return fingerprint(path)
+    digest = hashlib.sha256()
+    for split in (dataset.train, dataset.val, dataset.test):
+        for t in (split.images, split.labels):
+            digest.update(t.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def image_shape(cfg: DataConfig, record: dict | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of a run's images: from its config.json's data record, else the dataset's."""
+    if record and "shape" in record:
+        return tuple(int(v) for v in record["shape"])
+    if cfg.dataset in IMAGE_SHAPE:
+        return IMAGE_SHAPE[cfg.dataset]
+    raise DataError(f"the image shape of this {cfg.dataset} run is not recorded in config.json")
 
 
 def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -364,11 +490,16 @@ def binarize(images: torch.Tensor, generator: torch.Generator | None = None) -> 
     return torch.bernoulli(probs, generator=generator).to(torch.uint8)
 
 
-def to_input(images: torch.Tensor, mode: str) -> torch.Tensor:
-    """Turn uint8 images ``(B, 28, 28)`` into flat float model inputs ``(B, 784)``.
+def to_input(
+    images: torch.Tensor, mode: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Turn uint8 images ``(B, ...)`` into flat float model inputs ``(B, values per image)``.
 
     ``mode``: ``"dynamic"`` draws a fresh binarization, ``"static"`` expects images that are
-    already {0, 1} (a split's ``fixed_binary``), ``"none"`` scales to [0, 1].
+    already {0, 1} (a split's ``fixed_binary``), ``"none"`` gives the 8-bit values k/255 in
+    [0, 1], ``"dequantize"`` gives (k + u)/256 with u ~ U[0, 1) per value (uniform
+    dequantization, Theis et al. 2016), drawn from ``generator`` when given (on its device,
+    then moved to the images'), else from torch's global stream on the images' device.
     """
     flat = images.reshape(images.shape[0], -1)
     if mode == "dynamic":
@@ -377,7 +508,15 @@ def to_input(images: torch.Tensor, mode: str) -> torch.Tensor:
         return flat.float()
     if mode == "none":
         return flat.float().div_(255)
-    raise ValueError(f"unknown input mode {mode!r}; use 'dynamic', 'static' or 'none'")
+    if mode == "dequantize":
+        if generator is None:
+            noise = torch.rand(flat.shape, device=flat.device)
+        else:
+            noise = torch.rand(flat.shape, generator=generator, device=generator.device)
+        return flat.float().add_(noise.to(flat.device)).div_(256)
+    raise ValueError(
+        f"unknown input mode {mode!r}; use 'dynamic', 'static', 'none' or 'dequantize'"
+    )
 
 
 def train_source(cfg: DataConfig, split: Split, val_size: int = 0) -> tuple[torch.Tensor, str]:
@@ -397,9 +536,15 @@ def train_source(cfg: DataConfig, split: Split, val_size: int = 0) -> tuple[torc
 
 
 def eval_inputs(split: Split, binarization: str) -> torch.Tensor:
-    """Deterministic float inputs for evaluation: the split's fixed binarization, or intensities."""
+    """Deterministic float inputs for evaluation: the split's fixed binarization, the 8-bit
+    values, or one fixed dequantization (the noise u of a CPU stream seeded with
+    :data:`EVAL_BINARIZE_SEED`, the same for every split and device: it is independent of the
+    images, so one draw per value is an unbiased estimate of E_u for each split)."""
     if binarization == "none":
         return to_input(split.images, "none")
+    if binarization == "dequantize":
+        generator = torch.Generator().manual_seed(EVAL_BINARIZE_SEED)
+        return to_input(split.images, "dequantize", generator)
     return to_input(split.fixed_binary, "static")
 
 

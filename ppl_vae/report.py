@@ -23,6 +23,12 @@ from ppl_vae.models.capabilities import DEFAULT_SAMPLES_CAPTION, SampleCaption
 REPORT = "report.md"
 REPORT_HTML = "report.html"
 COMMON_METRICS = ("epoch", "train_neg_elbo", "val_neg_elbo", "lr", "seconds", "images_per_s")
+INPUTS = {  # what --data.binarization makes of the 8-bit images
+    "dynamic": "dynamic binarization",
+    "static": "static binarization",
+    "none": "8-bit values k/255",
+    "dequantize": "uniformly dequantized 8-bit values (k + u)/256",
+}
 
 
 def write_figures(
@@ -32,7 +38,7 @@ def write_figures(
     folder ``stage`` writes into (fixed seed, test images): interpolations.png always;
     traversals.png when z is a vector; latent_map.png and manifold.png when z has two
     dimensions."""
-    shape = data.IMAGE_SHAPE[dataset.name]
+    shape = dataset.shape
     with seeded(seed):
         plots.samples_figure(model, stage.path(plots.SAMPLES), shape)
     x = data.eval_inputs(dataset.test, binarization)[:32]
@@ -59,7 +65,7 @@ def write_latent_figures(
     """Interpolations between (up to three pairs of) test images, traversals of the first
     ``max_traversals`` dimensions by KL, and for z_dim = 2 the latent map and the decoded
     manifold."""
-    shape = data.IMAGE_SHAPE[dataset.name]
+    shape = dataset.shape
     x = data.eval_inputs(dataset.test, binarization)
     pairs = min(3, x.shape[0] // 2)  # a test file of a few images has fewer pairs, or none
     if pairs:
@@ -126,9 +132,12 @@ def report_lines(run_dir: Path, samples_caption: str, where: Callable[[str], Pat
     cfg = runs.read_config(run_dir)
     metrics = runs.read_metrics(run_dir)
     lines = [f"# Run `{run_dir.name}`", ""]
+    likelihood = getattr(cfg.model, "likelihood", None)
+    likelihood = f", likelihood {likelihood}" if likelihood else ""
     lines += [
         f"Model **{cfg.model.kind}** on **{cfg.data.dataset}** "
-        f"({cfg.data.binarization} binarization), objective **{cfg.objective.name}** "
+        f"({INPUTS.get(cfg.data.binarization, cfg.data.binarization)}{likelihood}), "
+        f"objective **{cfg.objective.name}** "
         f"with {cfg.objective.num_particles} particle(s); {len(metrics)} epoch(s) of batch "
         f"{cfg.train.batch_size}, Adam lr {cfg.train.lr:g} ({cfg.train.lr_schedule}), "
         f"seed {cfg.train.seed}.",

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ppl_vae import data, files, runs
-from ppl_vae.config import RunConfig, TrainConfig, check_fits, to_dict
+from ppl_vae.config import RunConfig, TrainConfig, check_fits, shaped_for, to_dict
 from ppl_vae.distributed import (
     STAND_IN,
     barrier,
@@ -109,6 +109,9 @@ def fit(
     cfg = cfg or RunConfig()
     me = world()
     device = data.resolve_device(cfg.train.device, "--train.device")
+    if resume is None:  # a new run's model takes its input shape from the data
+        dataset = dataset or data.load(cfg.data, device)
+        cfg = shaped_for(cfg, dataset.shape, dataset.files.get("train_images", dataset.name))
     seed_everything(cfg.train.seed)
     model = build(cfg.model).to(device)  # the same initial weights on every rank
     check_precision(model, cfg.train.precision)
