@@ -77,14 +77,14 @@ def evaluate_run(
         "images": inputs.shape[0],
         "epoch": checkpoint["epoch"],
         "seed": eval_cfg.seed,
-        **evaluate_model(model, inputs, eval_cfg, progress, fast),
+        **evaluate_model(model, inputs, eval_cfg, progress, fast, cfg.data.binarization),
     }
     if reference_dir is not None:
         results["reference"] = str(reference_dir)
         with seeded(eval_cfg.seed, torch_device):
             results.update(
                 reference_metrics(
-                    model, reference, inputs, eval_cfg, cfg.data.binarization != "none",
+                    model, reference, inputs, eval_cfg, cfg.data.binarization,
                     min(1000, inputs.shape[0]), progress, fast,
                 )  # fmt: skip
             )

@@ -33,6 +33,7 @@ from ppl_vae.inference import weights
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, own_parameters
 from ppl_vae.inference.recording import RecordedLogWeights, recordable
 from ppl_vae.inference.svi import check_program
+from ppl_vae.likelihoods import LEVELS
 from ppl_vae.models.capabilities import Codebook, ExplicitPrior, GaussianGuide, LearnedCodePrior
 from ppl_vae.quantizer import perplexity
 
@@ -282,20 +283,33 @@ def code_prior_nll(model, inputs: torch.Tensor, batch_size: int = 500) -> tuple[
     return total / inputs.shape[0], positions
 
 
+def like_inputs(means: torch.Tensor, data_mode: str) -> torch.Tensor:
+    """Mean images in [0, 1] in the form ``--data.binarization data_mode`` gives the data:
+    binarized by one Bernoulli draw per pixel (dynamic, static), rounded to the 8-bit values
+    k/255 (none), or rounded to a byte k and dequantized to (k + u)/256 (dequantize)."""
+    means = means.clamp(0, 1)
+    if data_mode in ("dynamic", "static"):
+        return torch.bernoulli(means)
+    levels = (means * (LEVELS - 1)).round()
+    if data_mode == "dequantize":
+        return (levels + torch.rand_like(levels)) / LEVELS
+    return levels / (LEVELS - 1)
+
+
 @torch.no_grad()
 def reference_metrics(
-    model, reference, inputs: torch.Tensor, eval_cfg: EvalConfig, binary: bool,
+    model, reference, inputs: torch.Tensor, eval_cfg: EvalConfig, data_mode: str,
     n: int = 1000, progress: bool = False, fast: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """-log p under a reference density model (a trained VAE) of ``n`` samples of ``model``
     and, for scale, of the first ``n`` test images.
 
-    A sample is the mean image of p(x|z), z ~ p(z) (``model.sample``); for a binary reference
-    likelihood it is binarized by one Bernoulli draw per pixel, as the test images are. Each
-    -log p is importance sampled with the reference's guide and ``eval_cfg.k`` draws.
+    A sample is the mean image of p(x|z), z ~ p(z) (``model.sample``), put in the form of the
+    test images (:func:`like_inputs`). Each -log p is importance sampled with the reference's
+    guide and ``eval_cfg.k`` draws.
     """
     means = torch.cat([model.sample(min(500, n - i)) for i in range(0, n, 500)])
-    samples = torch.bernoulli(means.clamp(0, 1)) if binary else means
+    samples = like_inputs(means, data_mode)
     args = (eval_cfg.k, eval_cfg.batch_size, eval_cfg.particle_chunk, progress, fast, eval_cfg.seed)
     nll_samples = -log_likelihood(reference, samples, *args)
     nll_data = -log_likelihood(reference, inputs[:n], *args)
@@ -314,12 +328,16 @@ def reference_metrics(
 class ProgramFacts:
     """What the metrics ask of a model, read once off its programs and capabilities on a probe
     batch: whether q(z|x) has a point-mass site, whether z is discrete (the prior's support),
-    whether z is a vector, whether guide and prior factorize into Normals."""
+    whether z is a vector, whether guide and prior factorize into Normals, and what p(x|z) at
+    ``"x"`` is: its distribution (without ``Independent``) and whether it is a probability mass
+    function (a discrete support) or a density."""
 
     point_mass: bool
     discrete: bool
     vector: bool
     factorized_gaussian: bool
+    x_distribution: str = ""
+    x_discrete: bool = False
 
     @staticmethod
     @torch.no_grad()
@@ -332,6 +350,7 @@ class ProgramFacts:
         ]  # fmt: skip
         point_mass = any(_is_point_mass(site["fn"]) for site in latents)
         prior = model_trace.nodes["z"]["fn"]
+        likelihood = model_trace.nodes["x"]["fn"]
         factorized = (
             isinstance(model, GaussianGuide)
             and isinstance(model, ExplicitPrior)
@@ -343,13 +362,92 @@ class ProgramFacts:
             discrete=bool(getattr(prior.support, "is_discrete", False)),
             vector=guide_trace.nodes["z"]["value"].dim() == 2,
             factorized_gaussian=factorized,
+            x_distribution=type(_without_independent(likelihood)).__name__,
+            x_discrete=bool(getattr(likelihood.support, "is_discrete", False)),
         )
 
 
-def _is_point_mass(fn) -> bool:
+def _without_independent(fn):
     while isinstance(fn, Independent):
         fn = fn.base_dist
-    return isinstance(fn, dist.Delta)
+    return fn
+
+
+def _is_point_mass(fn) -> bool:
+    return isinstance(_without_independent(fn), dist.Delta)
+
+
+# ----------------------------------------------------------------------------- bits/dim
+
+LOG_LEVELS = math.log(LEVELS)
+"""log 256: the density of (k + u)/256 on [0, 1) against the probability of byte k."""
+
+
+def bits_per_dim_basis(facts: ProgramFacts, data_mode: str | None) -> tuple[float | None, str]:
+    """How -log p(x) (nats per image of D values) becomes bits per dimension of the data:
+    ``(c, basis)`` with bits/dim = (-log p(x) + D·c) / (D ln 2), or ``(None, why)`` where no
+    bits/dim of the data exists.
+
+    - A probability mass function at ``"x"`` (Bernoulli on binarized pixels, the discretized
+      logistic on 8-bit values): -log P(x) is a code length already, c = 0.
+    - A density on uniformly dequantized values y = (k + u)/256 (``--data.binarization
+      dequantize``): the discrete model P(k) = ∫_0^1 p((k + u)/256) du / 256 has
+      log P(k) ≥ E_u[log p((k + u)/256)] − log 256 per value (Jensen; Theis et al. 2016),
+      − D log 256 per image, so c = log 256 gives an upper bound on the bits/dim of the 8-bit
+      data under that discrete model.
+
+    Both are bits/dim of the data, the unit of the CIFAR-10 figures of van den Oord et al.
+    2017; which likelihood and correction a number uses is in ``basis``.
+    - A density on anything else (intensities k/255 without dequantization): -log p(x) is a
+      density, not a code length; it can be negative and grows without bound as a scale
+      shrinks, so no bits/dim is given.
+    """
+    name = facts.x_distribution or "the likelihood"
+    if facts.x_discrete:
+        if data_mode in ("dynamic", "static"):
+            what = (
+                "binarized pixels, so these are bits per binary pixel, not comparable with "
+                "figures on 8-bit data"
+            )
+        else:
+            what = "the 8-bit values k/255" if data_mode == "none" else "the data's values"
+        return 0.0, (
+            f"{name} likelihood, a probability mass function of {what}: "
+            "bits/dim = -log P(x) / (D ln 2), no correction"
+        )
+    if data_mode == "dequantize":
+        return LOG_LEVELS, (
+            f"{name} density of uniformly dequantized 8-bit values (k + u)/256: bits/dim = "
+            "(-log p(x) + D ln 256) / (D ln 2), an upper bound on the bits/dim of the 8-bit data "
+            "(the dequantization bound)"
+        )
+    shown = f" of --data.binarization {data_mode}" if data_mode else ""
+    return None, (
+        f"-log p(x) is a {name} density at the inputs{shown}, not a probability of 8-bit "
+        "data, so no bits/dim is reported; --data.binarization dequantize (gaussian, "
+        "continuous-bernoulli) or --model.likelihood discretized-logistic gives one"
+    )
+
+
+def _bits(c: Context, nll: float) -> float | None:
+    """bits/dim of a -log p(x) in nats per image (None where the basis gives none)."""
+    offset, _ = bits_per_dim_basis(c.facts, c.data_mode)
+    if offset is None:
+        return None
+    dims = c.inputs.shape[1]
+    return (nll + dims * offset) / (dims * math.log(2))
+
+
+def _with_bits(c: Context, results: dict[str, Any], key: str, nll: float) -> dict[str, Any]:
+    """``results`` with ``key`` = bits/dim of ``nll``, ``bits_per_dim_basis`` and a note
+    saying which likelihood and correction the figure uses (or why there is none)."""
+    _, basis = bits_per_dim_basis(c.facts, c.data_mode)
+    bits = _bits(c, nll)
+    if bits is not None:
+        results[key] = bits
+        results["bits_per_dim_basis"] = basis
+    results.setdefault("notes", []).append(f"bits/dim: {basis}" if bits is not None else basis)
+    return results
 
 
 @dataclass(frozen=True)
@@ -389,6 +487,9 @@ class Context:
     progress: bool
     fast: bool
     results: dict[str, Any]
+    facts: ProgramFacts | None = None
+    data_mode: str | None = None
+    """The ``--data.binarization`` the inputs were made with (None: not known)."""
 
 
 @dataclass(frozen=True)
@@ -429,12 +530,12 @@ def _importance_sampled(c: Context) -> dict[str, Any]:
     log_px = log_likelihood(c.model, c.inputs, cfg.k, cfg.batch_size, cfg.particle_chunk,
                             c.progress, c.fast, cfg.seed)  # fmt: skip
     nll = -log_px.mean().item()
-    return {
+    results = {
         "nll_is": nll,
         "nll_is_stderr": (log_px.std() / math.sqrt(log_px.numel())).item(),
         "k": cfg.k,
-        "bits_per_dim": nll / (c.inputs.shape[1] * math.log(2)),
     }
+    return _with_bits(c, results, "bits_per_dim", nll)
 
 
 def _map_objective(c: Context) -> dict[str, Any]:
@@ -452,7 +553,7 @@ def _map_objective(c: Context) -> dict[str, Any]:
 def _discrete_elbo(c: Context) -> dict[str, Any]:
     value = neg_elbo(c.model, c.inputs, ObjectiveConfig("trace"), c.cfg.batch_size, c.fast,
                      c.cfg.seed)  # fmt: skip
-    return {
+    results = {
         "neg_elbo": value,
         "kl_point_mass": value - c.results["recon_nll"],
         "notes": [
@@ -461,6 +562,7 @@ def _discrete_elbo(c: Context) -> dict[str, Any]:
             "KL(q || p) = -log p(z_q) (positions · log K under the uniform code prior)"
         ],
     }
+    return _with_bits(c, results, "elbo_bits_per_dim", value)
 
 
 def _code_prior(c: Context) -> dict[str, Any]:
@@ -471,6 +573,9 @@ def _code_prior(c: Context) -> dict[str, Any]:
         "code_prior_bits_per_dim": nll / (c.inputs.shape[1] * math.log(2)),
         "code_prior_neg_elbo": c.results["recon_nll"] + nll,
     }
+    bits = _bits(c, results["code_prior_neg_elbo"])
+    if bits is not None:  # its basis is the one of the exact -ELBO's bits/dim, noted there
+        results["code_prior_elbo_bits_per_dim"] = bits
     if "kl_point_mass" in c.results:
         results["notes"] = [
             "the code prior's -log p(codes) replaces the model prior's -log p(z_q) = "
@@ -499,8 +604,8 @@ METRICS: tuple[MetricGroup, ...] = (
     }),
     MetricGroup("importance sampling", (DENSITY_GUIDE,), _importance_sampled, {
         "nll_is": Label("importance-sampled -log p(x) (nats/image)", _nll_is_extra),
-        "bits_per_dim": Label("-log p(x) in bits/dim"),
-    }, ("nll_is_stderr", "k")),
+        "bits_per_dim": Label("importance-sampled -log p(x) in bits/dim (basis in the notes)"),
+    }, ("nll_is_stderr", "k", "bits_per_dim_basis", "notes")),
     MetricGroup("reconstruction", (), lambda c: reconstruction_metrics(
         c.model, c.inputs, c.cfg.batch_size), {
         "recon_nll": Label("reconstruction -log p(x | z = encode(x)) (nats/image)"),
@@ -514,7 +619,8 @@ METRICS: tuple[MetricGroup, ...] = (
         "neg_elbo": Label("-ELBO, Trace_ELBO (nats/image)"),
         "kl_point_mass": Label("KL(q(z|x) || p(z)) = -log p(z_q), q a point mass on codes "
                                "(nats/image)"),
-    }, ("notes",)),
+        "elbo_bits_per_dim": Label("-ELBO in bits/dim, an upper bound (basis in the notes)"),
+    }, ("notes", "bits_per_dim_basis")),
     MetricGroup("active units", (VECTOR_LATENT,), lambda c: active_units(
         c.model, c.inputs, c.cfg.batch_size), {
         "active_units": Label("active units: Var_x(encode(x)_i) > 0.01 (Burda et al. 2015)",
@@ -545,6 +651,8 @@ METRICS: tuple[MetricGroup, ...] = (
         "code_prior_bits_per_dim": Label("code prior -log p(codes) in bits per pixel"),
         "code_prior_neg_elbo": Label(
             "-ELBO with the code prior: reconstruction + -log p(codes) (nats/image)"),
+        "code_prior_elbo_bits_per_dim": Label(
+            "-ELBO with the code prior in bits/dim, an upper bound (basis in the notes)"),
     }, ("notes",)),
 )  # fmt: skip
 
@@ -568,25 +676,28 @@ def applicable(model, x: torch.Tensor) -> list[str]:
 
 
 def evaluate_model(
-    model, inputs: torch.Tensor, cfg: EvalConfig, progress: bool = False, fast: bool = True
-) -> dict[str, Any]:
+    model, inputs: torch.Tensor, cfg: EvalConfig, progress: bool = False, fast: bool = True,
+    data_mode: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
     """Every metric group of :data:`METRICS` that applies to ``model``, on ``inputs``.
 
-    Raises ``RuntimeError`` when a group returns a number it has no label for (it would not
-    be printed).
+    ``data_mode``: the ``--data.binarization`` that made ``inputs``; it decides the bits/dim of
+    a continuous density (:func:`bits_per_dim_basis`). Raises ``RuntimeError`` when a group
+    returns a number it has no label for (it would not be printed).
     """
     with seeded(cfg.seed, inputs.device):
-        return _evaluate_model(model, inputs, cfg, progress, fast)
+        return _evaluate_model(model, inputs, cfg, progress, fast, data_mode)
 
 
-def _evaluate_model(model, inputs, cfg, progress, fast) -> dict[str, Any]:
+def _evaluate_model(model, inputs, cfg, progress, fast, data_mode) -> dict[str, Any]:
     facts = ProgramFacts.of(model, inputs[:2])
     results: dict[str, Any] = {}
     notes: list[str] = []
     for group in METRICS:
         if not group.applies(model, facts):
             continue
-        out = group.compute(Context(model, inputs, cfg, progress, fast, results))
+        context = Context(model, inputs, cfg, progress, fast, results, facts, data_mode)
+        out = group.compute(context)
         notes += out.pop("notes", [])
         unknown = set(out) - set(group.labels) - set(group.details)
         if unknown:

@@ -543,6 +543,16 @@ def test_cuda_epoch_loop_does_not_synchronize(seed, precision_name):
     assert torch.isfinite(total).item()
 
 
+def assert_lean_weights_match(model, x: torch.Tensor, seed: int) -> None:
+    """The lean IS weights (validation off) equal the traced ones (validation on)."""
+    results = []
+    for validate in (True, False):
+        pyro.set_rng_seed(seed)
+        with torch.no_grad(), pyro.validation_enabled(validate):
+            results.append(weights.log_weights(model.model, model.guide, x, 3))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", sorted(REGISTRY))
 def test_every_registered_model_fast_paths_match(kind, seed):
     """For every model of the registry (default config, training mode, float64): the lean loss
@@ -566,12 +576,38 @@ def test_every_registered_model_fast_paths_match(kind, seed):
         for _ in range(2):
             assert_same(plain, loss_and_grads(recorded, params, x, seed))
     assert getattr(recorded, "replays", 0) == (1 if recording.recordable(model) else 0)
-    results = []
-    for validate in (True, False):
-        pyro.set_rng_seed(seed)
-        with torch.no_grad(), pyro.validation_enabled(validate):
-            results.append(weights.log_weights(model.model, model.guide, x, 3))
-    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-10)
+    assert_lean_weights_match(model, x, seed)
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "mixtures"),
+    [("discretized-logistic", 1), ("discretized-logistic", 3), ("gaussian", 1),
+     ("continuous-bernoulli", 1)],
+)  # fmt: skip
+def test_every_likelihood_fast_paths_match(likelihood, mixtures, seed):
+    """The VAE with each likelihood of 8-bit data (float64, 8-bit values or dequantized
+    ones): the lean loss and its recorded replay equal Trace_ELBO (loss and gradients), and
+    the lean IS weights equal the traced ones; the discretized logistic takes the generic
+    log_prob path (no fused form), nothing falls back."""
+    torch.manual_seed(seed)
+    cfg = replace(CONFIG, likelihood=likelihood, logistic_mixtures=mixtures)
+    model = VAE(cfg).double().train()
+    images = torch.randint(0, 256, (5, cfg.x_dim), dtype=torch.uint8)
+    mode = "none" if likelihood == "discretized-logistic" else "dequantize"
+    x = data.to_input(images, mode).double()
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = loss_and_grads(loss_module(model, ObjectiveConfig(), fast=False), params, x, seed,
+                           validate=True)  # fmt: skip
+    lean_fn = loss_module(model, ObjectiveConfig())
+    assert_same(plain, loss_and_grads(lean_fn, params, x, seed))
+    assert lean_fn.elbo.fallbacks == 0
+    recorded = record(lean_fn, model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            assert_same(plain, loss_and_grads(recorded, params, x, seed))
+    assert recorded.replays == 1
+    assert_lean_weights_match(model, x, seed)
 
 
 def test_which_models_opt_in():

@@ -19,16 +19,22 @@ from ppl_vae.models import REGISTRY, VAEConfig, build, default_config
 from ppl_vae.models.capabilities import TrainingHooks
 from ppl_vae.models.common import ImageModel
 
-# (kind, overrides, binary inputs?) — the registry's defaults plus the variants worth a check.
-VARIANTS = [(kind, {}, True) for kind in REGISTRY] + [
-    ("vae", {"arch": "conv"}, True),
-    ("vae", {"likelihood": "continuous-bernoulli"}, False),
-    ("vae", {"likelihood": "gaussian", "x_scale_mode": "pixel"}, False),
-    ("vae", {"likelihood": "gaussian", "x_scale_mode": "shared", "arch": "conv"}, False),
-    ("vae", {"arch": "conv", "x_dim": 3 * 32 * 32, "channels": 3}, True),
-    ("ae", {"prior": False, "arch": "conv"}, True),
-    ("vqvae", {"ema": True}, True),
-    ("vqvae", {"x_dim": 3 * 32 * 32, "channels": 3, "codebook_size": 16}, True),
+# (kind, overrides, inputs) — the registry's defaults plus the variants worth a check; inputs
+# are binary pixels, values in [0, 1) (intensities, dequantized values) or 8-bit values k/255.
+VARIANTS = [(kind, {}, "binary") for kind in REGISTRY] + [
+    ("vae", {"arch": "conv"}, "binary"),
+    ("vae", {"likelihood": "continuous-bernoulli"}, "unit"),
+    ("vae", {"likelihood": "gaussian", "x_scale_mode": "pixel"}, "unit"),
+    ("vae", {"likelihood": "gaussian", "x_scale_mode": "shared", "arch": "conv"}, "unit"),
+    ("vae", {"arch": "conv", "x_dim": 3 * 32 * 32, "channels": 3}, "binary"),
+    ("vae", {"likelihood": "discretized-logistic"}, "8bit"),
+    ("vae", {"likelihood": "discretized-logistic", "logistic_mixtures": 3, "arch": "conv",
+             "x_dim": 3 * 32 * 32, "channels": 3}, "8bit"),  # fmt: skip
+    ("ae", {"prior": False, "arch": "conv"}, "binary"),
+    ("ae", {"likelihood": "discretized-logistic", "logistic_mixtures": 2}, "8bit"),
+    ("vqvae", {"ema": True}, "binary"),
+    ("vqvae", {"x_dim": 3 * 32 * 32, "channels": 3, "codebook_size": 16}, "binary"),
+    ("vqvae", {"likelihood": "discretized-logistic", "logistic_mixtures": 2}, "8bit"),
 ]
 IDS = [f"{k}-" + "-".join(f"{a}={b}" for a, b in o.items()) for k, o, _ in VARIANTS]
 BATCH = 6
@@ -36,11 +42,15 @@ BATCH = 6
 
 @pytest.fixture(params=VARIANTS, ids=IDS)
 def variant(request):
-    kind, overrides, binary = request.param
+    kind, overrides, inputs = request.param
     model = build(default_config(kind, **overrides))
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(BATCH, model.config.x_dim, generator=gen)
-    return model, torch.bernoulli(x, generator=gen) if binary else x
+    if inputs == "binary":
+        x = torch.bernoulli(x, generator=gen)
+    elif inputs == "8bit":
+        x = (x * 255).round() / 255
+    return model, x
 
 
 def latent_sites(trace) -> dict:
@@ -171,6 +181,10 @@ def test_kl_weight_scales_exactly_the_kl_term(seed):
         (VAEConfig(), "none", "--data.binarization"),
         (default_config("vqvae"), "none", "--data.binarization"),
         (default_config("ae", likelihood="gaussian"), "dynamic", "--data.binarization"),
+        (VAEConfig(), "dequantize", "--data.binarization"),
+        (VAEConfig(likelihood="discretized-logistic"), "dequantize", "--data.binarization"),
+        (default_config("vqvae", likelihood="discretized-logistic"), "static",
+         "--data.binarization"),  # fmt: skip
     ],
 )
 def test_likelihood_and_data_must_match(model_cfg, binarization, flag):
@@ -181,6 +195,9 @@ def test_likelihood_and_data_must_match(model_cfg, binarization, flag):
 def test_valid_combinations_pass():
     RunConfig(model=VAEConfig(likelihood="gaussian"), data=DataConfig(binarization="none"))
     RunConfig(model=VAEConfig(), data=DataConfig(binarization="static"))
+    for likelihood, mode in [("gaussian", "dequantize"), ("continuous-bernoulli", "dequantize"),
+                             ("discretized-logistic", "none")]:  # fmt: skip
+        RunConfig(model=VAEConfig(likelihood=likelihood), data=DataConfig(binarization=mode))
 
 
 @pytest.mark.parametrize(
@@ -195,6 +212,9 @@ def test_valid_combinations_pass():
         ("vqvae", {"ema_decay": 1.0}, "--model.ema-decay"),
         ("vqvae", {"codebook_size": 1}, "--model.codebook-size"),
         ("ae", {"z_dim": 0}, "--model.z-dim"),
+        ("vae", {"likelihood": "discretized-logistic", "logistic_mixtures": 0},
+         "--model.logistic-mixtures"),  # fmt: skip
+        ("vae", {"likelihood": "gaussian", "logistic_mixtures": 3}, "--model.logistic-mixtures"),
     ],
 )
 def test_invalid_model_options_name_the_flag(kind, overrides, flag):

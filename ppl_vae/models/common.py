@@ -15,15 +15,37 @@ from torch import nn
 from ppl_vae import nets
 from ppl_vae.errors import ConfigError, check
 from ppl_vae.likelihoods import (
-    BINARY_LIKELIHOODS,
     X_SCALE_FLOOR,
     Likelihood,
     LikelihoodName,
     ScaleMode,
+    params_per_value,
 )
 from ppl_vae.models.base import LatentVariableModel, ModelConfig
 
 Activation = Literal["relu", "softplus", "tanh", "gelu", "elu", "leaky_relu"]
+
+DATA_MODES: dict[str, tuple[str, ...]] = {
+    "bernoulli": ("dynamic", "static"),
+    "continuous-bernoulli": ("dequantize", "none"),
+    "gaussian": ("dequantize", "none"),
+    "discretized-logistic": ("none",),
+}
+"""The ``--data.binarization`` modes whose inputs each likelihood is a density (or mass
+function) for. The continuous densities accept ``none`` (intensities k/255, as before), but
+only ``dequantize`` makes them likelihoods of the 8-bit data, with bits/dim (ppl_vae.metrics)."""
+SCORES = {
+    "bernoulli": "pixels in {0, 1}",
+    "continuous-bernoulli": "intensities in [0, 1]",
+    "gaussian": "real-valued intensities",
+    "discretized-logistic": "the 256 8-bit values k/255",
+}
+GIVES = {
+    "dynamic": "pixels in {0, 1}",
+    "static": "pixels in {0, 1}",
+    "none": "8-bit values k/255",
+    "dequantize": "dequantized values (k + u)/256",
+}
 
 
 @dataclass(frozen=True)
@@ -37,12 +59,16 @@ class ImageConfig(ModelConfig):
     activation: Activation = "softplus"
     """Nonlinearity between layers."""
     likelihood: LikelihoodName = "bernoulli"
-    """p(x|z): bernoulli (binarized pixels) or, for intensities (--data.binarization none),
-    continuous-bernoulli or gaussian."""
+    """p(x|z): bernoulli (binarized pixels), discretized-logistic (8-bit values,
+    --data.binarization none), or continuous-bernoulli or gaussian (dequantized 8-bit values,
+    --data.binarization dequantize, or intensities, none)."""
     x_scale: float = 0.1
     """Gaussian likelihood: the fixed pixel scale, or the initial value of a learned one."""
     x_scale_mode: ScaleMode = "fixed"
     """Gaussian likelihood: fixed scale, one learned (shared) scale, or one per pixel."""
+    logistic_mixtures: int = 1
+    """Discretized logistic likelihood: mixture components K per value; the decoder outputs
+    2 parameters per value for K = 1 (location, log-scale), 3K otherwise."""
 
     def __post_init__(self) -> None:
         check(self.x_dim >= 1, "--model.x-dim", "a positive integer", self.x_dim)
@@ -54,6 +80,18 @@ class ImageConfig(ModelConfig):
             f"fixed unless --model.likelihood is gaussian (it is {self.likelihood})",
             self.x_scale_mode,
         )
+        check(
+            self.logistic_mixtures >= 1,
+            "--model.logistic-mixtures",
+            "a positive integer",
+            self.logistic_mixtures,
+        )
+        check(
+            self.likelihood == "discretized-logistic" or self.logistic_mixtures == 1,
+            "--model.logistic-mixtures",
+            f"1 unless --model.likelihood is discretized-logistic (it is {self.likelihood})",
+            self.logistic_mixtures,
+        )
         if self.x_scale_mode != "fixed" and not self.x_scale > X_SCALE_FLOOR:
             raise ConfigError(
                 f"--model.x-scale {self.x_scale:g}: a learned scale (--model.x-scale-mode "
@@ -62,23 +100,27 @@ class ImageConfig(ModelConfig):
             )
 
     def check_data(self, binarization: str) -> None:
-        binary_data = binarization != "none"
-        binary_model = self.likelihood in BINARY_LIKELIHOODS
-        if binary_model and not binary_data:
-            raise ConfigError(
-                f"--model.likelihood {self.likelihood} scores pixels in {{0, 1}}, but "
-                "--data.binarization none gives intensities in [0, 1]; use --data.binarization "
-                "dynamic or static, or --model.likelihood continuous-bernoulli or gaussian"
-            )
-        if binary_data and not binary_model:
-            raise ConfigError(
-                f"--model.likelihood {self.likelihood} models intensities in [0, 1], but "
-                f"--data.binarization {binarization} gives pixels in {{0, 1}}; add "
-                "--data.binarization none, or use --model.likelihood bernoulli"
-            )
+        """Each likelihood takes exactly the data modes it is a density for (:data:`DATA_MODES`)."""
+        accepted = DATA_MODES[self.likelihood]
+        if binarization in accepted:
+            return
+        others = [name for name, modes in DATA_MODES.items() if binarization in modes]
+        raise ConfigError(
+            f"--model.likelihood {self.likelihood} scores {SCORES[self.likelihood]}, but "
+            f"--data.binarization {binarization} gives {GIVES.get(binarization, 'other values')}; "
+            f"use --data.binarization {' or '.join(accepted)}, or --model.likelihood "
+            f"{' or '.join(others)}"
+        )
+
+    @property
+    def params_per_value(self) -> int:
+        """Decoder outputs per value of x that the likelihood needs."""
+        return params_per_value(self.likelihood, self.logistic_mixtures)
 
     def build_likelihood(self) -> Likelihood:
-        return Likelihood(self.likelihood, self.x_dim, self.x_scale, self.x_scale_mode)
+        return Likelihood(
+            self.likelihood, self.x_dim, self.x_scale, self.x_scale_mode, self.logistic_mixtures
+        )
 
 
 @dataclass(frozen=True)
@@ -106,12 +148,15 @@ class NetworkConfig(ImageConfig):
         return nets.mlp([self.x_dim, *self.hidden, out_dim], self.activation)
 
     def decoder_net(self, z_dim: int) -> nn.Module:
-        """z ↦ per-pixel likelihood parameters with the configured architecture."""
+        """z ↦ the likelihood's parameters, :attr:`params_per_value` planes of ``x_dim`` values
+        (as many channel groups of the image for conv), with the configured architecture."""
+        per_value = self.params_per_value
         if self.arch == "conv":
             return nets.conv_decoder(
-                z_dim, self.conv_channels, self.x_dim, self.channels, self.activation
-            )
-        return nets.mlp_decoder(z_dim, self.hidden, self.x_dim, self.activation)
+                z_dim, self.conv_channels, per_value * self.x_dim, per_value * self.channels,
+                self.activation,
+            )  # fmt: skip
+        return nets.mlp_decoder(z_dim, self.hidden, per_value * self.x_dim, self.activation)
 
 
 def check_conv_shape(cfg) -> None:

@@ -156,7 +156,9 @@ class VQVAE(ImageModel):
             nn.Sequential(
                 nn.Conv2d(cfg.code_dim, cfg.conv_channels[-1], 3, padding=1),
                 act(),
-                nets.deconv_trunk(cfg.conv_channels, cfg.channels, cfg.activation),
+                nets.deconv_trunk(
+                    cfg.conv_channels, cfg.params_per_value * cfg.channels, cfg.activation
+                ),  # the likelihood's parameter planes
             ),
             in_dims=3,
         )
