@@ -95,12 +95,18 @@ class DataConfig:
     val_size: int = 0
     """Validation images held out of the training file (0: 10,000, or a sixth of a training
     file of fewer than 60,000 images)."""
+    device_limit_mb: int = 0
+    """Training images larger than this many MiB stay in host memory (pinned on CUDA) and are
+    streamed: each batch is gathered there and copied to the device one batch ahead of its
+    step, giving the same batches as resident data (0: on CUDA, half the free device memory;
+    on the CPU, no limit)."""
 
     def __post_init__(self) -> None:
         check(self.train_subset >= 0, "--data.train-subset", ">= 0", self.train_subset)
         check(self.val_size >= 0, "--data.val-size", ">= 0", self.val_size)
         check(self.test_size >= 0, "--data.test-size", ">= 0", self.test_size)
         check(self.image_size >= 0, "--data.image-size", ">= 0", self.image_size)
+        check(self.device_limit_mb >= 0, "--data.device-limit-mb", ">= 0", self.device_limit_mb)
         for name in ("data_dir", "file"):  # stored absolute: evaluate works from any folder
             value = getattr(self, name)
             if value is None:
@@ -301,6 +307,8 @@ class Split:
     images: torch.Tensor
     labels: torch.Tensor
     fixed_binary: torch.Tensor | None = None  # one fixed Bernoulli draw per image, uint8
+    streamed_to: torch.device | None = None
+    """Set when the images stay in host memory and batches are copied to this device."""
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -427,12 +435,31 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
         gen = torch.Generator().manual_seed(EVAL_BINARIZE_SEED + offset)
         split.fixed_binary = binarize(split.images, gen)
     device = torch.device(device)
-    for split in splits.values():
+    streamed = streams(splits["train"], cfg, device)
+    for name, split in splits.items():
+        if name == "train" and streamed:  # host memory, pinned for asynchronous copies
+            split.streamed_to = device
+            if device.type == "cuda":
+                split.images, split.fixed_binary = (
+                    split.images.pin_memory(), split.fixed_binary.pin_memory()
+                )
+            continue
         split.images = split.images.to(device)
         split.labels = split.labels.to(device)
         split.fixed_binary = split.fixed_binary.to(device)
     shape = raw.shape if train_images.dim() == 4 else (1, *train_images.shape[1:])
     return Dataset(name=cfg.dataset, files=files, shape=shape, **splits)
+
+
+def streams(split: Split, cfg: DataConfig, device: torch.device) -> bool:
+    """Whether the training images stay in host memory (``--data.device-limit-mb``)."""
+    size = split.images.numel() + split.fixed_binary.numel()  # both uint8
+    if cfg.device_limit_mb:
+        return size > cfg.device_limit_mb * 2**20
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return size > free // 2
+    return False
 
 
 def fingerprint(path: Path) -> str:
@@ -541,22 +568,33 @@ def eval_inputs(split: Split, binarization: str) -> torch.Tensor:
     :data:`EVAL_BINARIZE_SEED`, the same for every split and device: it is independent of the
     images, so one draw per value is an unbiased estimate of E_u for each split)."""
     if binarization == "none":
-        return to_input(split.images, "none")
-    if binarization == "dequantize":
+        inputs = to_input(split.images, "none")
+    elif binarization == "dequantize":
         generator = torch.Generator().manual_seed(EVAL_BINARIZE_SEED)
-        return to_input(split.images, "dequantize", generator)
-    return to_input(split.fixed_binary, "static")
+        inputs = to_input(split.images, "dequantize", generator)
+    else:
+        inputs = to_input(split.fixed_binary, "static")
+    return inputs if split.streamed_to is None else inputs.to(split.streamed_to)
 
 
 def batches(
-    source: torch.Tensor, batch_size: int, generator: torch.Generator | None = None
+    source: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    to: torch.device | None = None,
 ) -> Iterator[torch.Tensor]:
     """Slices of ``source`` in a seeded random order (sequential when ``generator`` is None).
 
-    The permutation is drawn on the CPU generator (reproducible across devices) and moved to the
-    data's device once per epoch; every batch is then an index gather on the device.
+    The permutation is drawn on the CPU generator (reproducible across devices). Resident data
+    (``to`` None): the permutation is moved to the data's device once per epoch and every batch
+    is an index gather there. Streamed data (``to`` a device): every batch is gathered in host
+    memory (pinned when ``to`` is CUDA) and copied to ``to`` without blocking, one batch ahead
+    of the one handed out, so the copy overlaps the step; the batches are the same.
     """
     n = source.shape[0]
+    if to is not None:
+        yield from _streamed(source, batch_size, generator, torch.device(to))
+        return
     if generator is None:
         for start in range(0, n, batch_size):
             yield source[start : start + batch_size]
@@ -564,6 +602,26 @@ def batches(
     perm = torch.randperm(n, generator=generator).to(source.device, non_blocking=True)
     for start in range(0, n, batch_size):
         yield source[perm[start : start + batch_size]]
+
+
+def _streamed(source, batch_size, generator, to: torch.device) -> Iterator[torch.Tensor]:
+    n = source.shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else None
+    pin = to.type == "cuda"
+
+    def copy(start: int) -> torch.Tensor:
+        part = source[start : start + batch_size] if order is None else (
+            source[order[start : start + batch_size]])  # fmt: skip
+        if pin:
+            part = part.pin_memory()
+        return part.to(to, non_blocking=pin)
+
+    starts = range(0, n, batch_size)
+    ahead = copy(starts[0]) if starts else None
+    for i in range(len(starts)):
+        current = ahead
+        ahead = copy(starts[i + 1]) if i + 1 < len(starts) else None
+        yield current
 
 
 def num_batches(n: int, batch_size: int) -> int:

@@ -143,10 +143,13 @@ def fit(
     check_fits(cfg, dataset.train.num_pixels, dataset.files.get("train_images", dataset.name))
     source, mode = data.train_source(cfg.data, dataset.train, len(dataset.val))
     if cfg.train.progress and me.main:
-        where = Path(dataset.files["train_images"]).parent if dataset.files else dataset.name
+        first = next(iter(dataset.files.values()), None)
+        where = Path(first).parent if first is not None and Path(first).is_file() else first
+        streamed = " (streamed from host memory)" if dataset.train.streamed_to else ""
         tqdm.write(
-            f"data: {source.shape[0]} training, {len(dataset.val)} validation and "
-            f"{len(dataset.test)} test images from {where}"
+            f"data: {source.shape[0]} training{streamed}, {len(dataset.val)} validation and "
+            f"{len(dataset.test)} test images of {'x'.join(map(str, dataset.shape))} from "
+            f"{where or dataset.name}"
         )
 
     loss_fn = loss_module(model, cfg.objective, cfg.fast)
@@ -305,7 +308,8 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
             group["lr"] = lr
         model.train()
         started = time.perf_counter()
-        batches = data.batches(source, cfg.train.batch_size, batch_order)
+        batches = data.batches(source, cfg.train.batch_size, batch_order,
+                               to=dataset.train.streamed_to)  # fmt: skip
         kept = state["epoch"] if state is not None else None
         try:
             with precision(model, cfg.train.precision):

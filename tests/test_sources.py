@@ -379,3 +379,55 @@ def test_conv_models_train_on_colour_images(tmp_path, side, kind, single_thread)
     rows = runs.read_metrics(run_dir)
     assert rows[1]["val_neg_elbo"] < 0.99 * rows[0]["val_neg_elbo"], rows
     assert runs.data_source(run_dir)["shape"] == [3, side, side]
+
+
+# ----------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("seeded", [True, False])
+def test_streamed_batches_are_the_resident_batches(seeded):
+    """Gathered in host memory and copied one batch ahead, the batches are the same tensors in
+    the same order, the ragged last one included."""
+    source = torch.randint(0, 256, (103, 5), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(4))  # fmt: skip
+
+    def order():
+        return torch.Generator().manual_seed(9) if seeded else None
+
+    resident = list(data.batches(source, 10, order()))
+    streamed = list(data.batches(source, 10, order(), to=torch.device("cpu")))
+    assert [b.shape[0] for b in streamed] == [10] * 10 + [3]
+    assert all(torch.equal(a, b) for a, b in zip(resident, streamed, strict=True))
+
+
+def test_training_on_streamed_data_equals_resident_training(tmp_path, fashion_subset,
+                                                            single_thread):  # fmt: skip
+    """--data.device-limit-mb 1 keeps the 1,200 training images (1.9 MB with their fixed
+    binarization) in host memory: the same losses and weights as the resident run, bit for
+    bit, with dynamic and with static binarization."""
+    idx = export_idx(fashion_subset, tmp_path / "idx")
+    for binarization in ("dynamic", "static"):
+        base = DataConfig(data_dir=idx, binarization=binarization)
+        streamed_cfg = replace(base, device_limit_mb=1)
+        ds = data.load(streamed_cfg, "cpu")
+        assert ds.train.streamed_to == torch.device("cpu") and ds.val.streamed_to is None
+        assert data.load(base, "cpu").train.streamed_to is None
+        resident = trained(small_run(tmp_path, f"resident-{binarization}", base))
+        streamed = trained(small_run(tmp_path, f"streamed-{binarization}", streamed_cfg))
+        assert [[r[k] for k in LOSSES] for r in streamed[0]] == [[r[k] for k in LOSSES]
+                                                                 for r in resident[0]]  # fmt: skip
+        assert all(torch.equal(resident[1][k], streamed[1][k]) for k in resident[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+def test_streamed_batches_reach_cuda_equal_to_resident_ones():
+    """Pinned host memory, asynchronous copies one batch ahead: the batches on the GPU equal
+    the resident path's."""
+    source = torch.randint(0, 256, (1000, 784), dtype=torch.uint8)
+    resident = list(data.batches(source.cuda(), 128, torch.Generator().manual_seed(1)))
+    streamed = list(data.batches(source.pin_memory(), 128, torch.Generator().manual_seed(1),
+                                 to=torch.device("cuda")))  # fmt: skip
+    torch.cuda.synchronize()
+    assert all(b.is_cuda for b in streamed)
+    assert all(torch.equal(a, b) for a, b in zip(resident, streamed, strict=True))
