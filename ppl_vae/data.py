@@ -1,6 +1,6 @@
 """Datasets as uint8 tensors on the training device.
 
-Sources are tried in this order:
+Fashion-MNIST and MNIST come from the first of:
 
 1. ``--data.data-dir DIR`` holding the four IDX files (``.gz`` or uncompressed), either
    directly or in torchvision's layout ``DIR/<FashionMNIST|MNIST>/raw/``;
@@ -8,16 +8,22 @@ Sources are tried in this order:
    ``dataset-fashion-mnist``; Fashion-MNIST only);
 3. torchvision's download into a cache folder (``$PPL_VAE_DATA`` or ``~/.cache/ppl_vae``).
 
-Every split is read once, validated, and moved to the device as a ``uint8`` tensor of shape
-``(N, 28, 28)``; training batches are index slices of a seeded permutation, taken on the device.
-Pixels become model inputs in :func:`to_input`: dynamically binarized (a fresh Bernoulli draw
-per batch, the default for Bernoulli likelihoods), statically binarized (one fixed draw per
-image, made at load time), or scaled to [0, 1].
+The other sources (torchvision's KMNIST, EMNIST, CIFAR-10 and SVHN, image folders, arrays) are
+read by :mod:`ppl_vae.sources`; what follows is the same for every source.
 
-The validation split is the last ``--data.val-size`` images (default :data:`VAL_SIZE`, 10,000,
-or a sixth of a smaller training file) of a fixed, seeded permutation of the training file; the
-rest are used for training. The sizes, the files' absolute paths and their SHA-256 are recorded
-in the run's config.json (:func:`source_record`).
+Every split is read once, validated, and moved to the device as a ``uint8`` tensor (``(N, 28,
+28)`` for the IDX files, ``(N, C, H, W)`` otherwise; :attr:`Dataset.shape` is (C, H, W));
+training batches are index slices of a seeded permutation, taken on the device, or gathered in
+host memory and copied over for training images above ``--data.device-limit-mb``. Pixels become
+model inputs in :func:`to_input`: dynamically binarized (a fresh Bernoulli draw per batch, the
+default for Bernoulli likelihoods), statically binarized (one fixed draw per image, made at
+load time), scaled to [0, 1], or uniformly dequantized.
+
+A source without a test split first holds out ``--data.test-size`` images of a fixed, seeded
+permutation. The validation split is the last ``--data.val-size`` images (default
+:data:`VAL_SIZE`, 10,000, or a sixth of a smaller training file) of a fixed, seeded permutation
+of the training images; the rest are used for training. The sizes, the image shape, the files'
+absolute paths and their SHA-256 are recorded in the run's config.json (:func:`source_record`).
 """
 
 from __future__ import annotations
