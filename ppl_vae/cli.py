@@ -44,17 +44,25 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: ``ppl-vae train: error: ... (see --help)``, exit code 2.
 
     An unknown flag that is the tail of a real one (``--epochs`` for ``--train.epochs``) or
-    close to one gets a "did you mean" naming it. Flags are never abbreviated.
+    close to one gets a "did you mean" naming it; one that is an option of other models
+    (:attr:`elsewhere`: ``--model.guide-flow`` → ``flow``) says which. Flags are never
+    abbreviated.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, elsewhere: dict[str, list[str]] | None = None, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.elsewhere = elsewhere or {}
 
     def error(self, message: str) -> typing.NoReturn:
         prefix = "unrecognized arguments: "
         if message.startswith(prefix):
             unknown = message[len(prefix) :].split()
-            hints = [h for h in (self.suggest(a) for a in unknown if a.startswith("--")) if h]
+            flags = [a.split("=", 1)[0] for a in unknown if a.startswith("--")]
+            kinds = [f"{f} is an option of {PROG} train " + " or ".join(self.elsewhere[f])
+                     for f in flags if f in self.elsewhere]  # fmt: skip
+            hints = [h for h in (self.suggest(f) for f in flags if f not in self.elsewhere) if h]
+            if kinds:
+                message += "; " + "; ".join(kinds)
             if hints:
                 message += "; did you mean " + ", ".join(hints) + "?"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -190,6 +198,7 @@ def parse_train(argv: list[str]) -> tuple[RunConfig | None, Path | None, int | N
         base = with_model(base, kind)
 
     parser = Parser(
+        elsewhere=model_flags_elsewhere(base.model.kind),
         prog=f"{PROG} train" + (f" {kind}" if kind else ""),
         usage=f"{PROG} train {kind or '[KIND]'} [options]",
         description="Train a model with SVI and write its run folder "
@@ -229,6 +238,21 @@ def parse_train(argv: list[str]) -> tuple[RunConfig | None, Path | None, int | N
     if extra:
         parser.error(f"--resume uses the saved config; drop {', '.join(extra)}")
     return None, args.resume, flags.get("train.epochs")
+
+
+def model_flags_elsewhere(kind: str) -> dict[str, list[str]]:
+    """``--model.*`` flags of the other registered models that ``kind`` does not have → those
+    models, for the error of a flag given to the wrong one."""
+    def flags(cls: type) -> set[str]:
+        names = {f"--model.{f.name}".replace("_", "-") for f in dataclasses.fields(cls)}
+        return names | {name.replace("--", "--no-", 1) for name in names}
+
+    own = flags(models.config_class(kind))
+    out: dict[str, list[str]] = {}
+    for other, (cls, _) in models.REGISTRY.items():
+        for flag in sorted(flags(cls) - own):
+            out.setdefault(flag, []).append(other)
+    return out
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ from ppl_vae.data import DataConfig
 from ppl_vae.errors import ConfigError, check
 from ppl_vae.inference.objectives import ObjectiveConfig
 from ppl_vae.metrics import EvalConfig
-from ppl_vae.models import REGISTRY, ModelConfig, VAEConfig, config_class
+from ppl_vae.models import REGISTRY, HVAEConfig, ModelConfig, VAEConfig, config_class
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,16 @@ PRESETS: dict[str, RunConfig] = {
     # Adam(eps=1e-4) with 8 stages of 3^i epochs at 1e-3·10^(-i/7): 3280 epochs in all.
     "burda-1l": RunConfig(
         model=VAEConfig(z_dim=50, hidden=(200, 200), activation="tanh"),
+        train=TrainConfig(
+            epochs=burda_epochs(), batch_size=20, lr=1e-3, lr_schedule="burda", adam_eps=1e-4
+        ),
+    ),
+    # Burda et al. (2015), two stochastic layers (the hvae model): 784-200-200-100 to z and
+    # 100-100-100-50 to z2, tanh, with the schedule of burda-1l.
+    "burda-2l": RunConfig(
+        model=HVAEConfig(
+            z_dim=100, z2_dim=50, hidden=(200, 200), hidden2=(100, 100), activation="tanh"
+        ),
         train=TrainConfig(
             epochs=burda_epochs(), batch_size=20, lr=1e-3, lr_schedule="burda", adam_eps=1e-4
         ),

@@ -5,7 +5,10 @@ All three look at a model whose guide q(z|x) has a density over a vector z (a VA
 linear-Gaussian model); point-mass guides (AE, VQ-VAE) have no importance weights and are
 refused with a :class:`~ppl_vae.errors.ConfigError`. The gaps need a Gaussian guide
 (:class:`~ppl_vae.models.capabilities.GaussianGuide`), since the local q* they fit must lie in
-the guide's family; for other density guides they are left out, with a note.
+the guide's family; for other density guides they are left out, with a note. A guide with
+several latent sites (two stochastic layers: ``"z"`` and ``"z2"``) has importance weights and
+k̂ like any other; NUTS samples all its sites, and its draws and the guide's are compared as
+one vector, the sites joined in the guide's order (``nuts_latent_sites`` in diagnostics.json).
 
 References:
 
@@ -34,7 +37,9 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer import MCMC, NUTS
+from pyro.poutine.subsample_messenger import _Subsample
 from tqdm.auto import tqdm
 
 from ppl_vae import data, files, plots, runs
@@ -339,17 +344,45 @@ def inference_gaps(
 # ----------------------------------------------------------------------------- NUTS
 
 
+def latent_sites(model, x: torch.Tensor) -> dict[str, int]:
+    """The guide's latent sites, in its order, and the size of each per datum: ``{"z": d}``
+    for one latent, ``{"z": d1, "z2": d2}`` for two stochastic layers. The diagnostics' latent
+    vector is their concatenation in this order."""
+    with torch.no_grad():
+        trace = pyro.poutine.trace(model.guide).get_trace(x)
+    return {
+        name: site["value"][0].numel()
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+        and not isinstance(site["fn"], _Subsample)
+    }  # fmt: skip
+
+
+def _joined(values: dict[str, torch.Tensor], sites, lead: int) -> torch.Tensor:
+    """The latent sites' values, each flattened after its ``lead`` leading dimensions, joined
+    in the order of ``sites``."""
+    return torch.cat([values[name].reshape(*values[name].shape[:lead], -1) for name in sites], -1)
+
+
 def nuts_draws(model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = False) -> torch.Tensor:
     """NUTS draws from p(z|x) for one image ``x`` ``(1, D)``, the trained decoder fixed.
 
     Runs ``cfg.nuts_chains`` chains one after the other (``pyro.infer.MCMC`` in one process)
-    from the guide's point summary ``encode(x)`` (its mean) plus a little jitter. Returns
-    ``(chains, draws, z_dim)``.
+    from the guide's point summary ``encode(x)`` (its mean) plus a little jitter at ``"z"``;
+    the guide's other latent sites (a second stochastic layer's ``"z2"``) start at a draw from
+    the guide given that z. Returns ``(chains, draws, latent size)``, the latent sites joined
+    in the guide's order (:func:`latent_sites`).
     """
+    sites = latent_sites(model, x)
     z_init = model.encode(x).detach()
     chains = []
     for _ in range(cfg.nuts_chains):
         init = {"z": z_init + 0.1 * torch.randn_like(z_init)}
+        if len(sites) > 1:
+            with torch.no_grad():
+                given = poutine.condition(model.guide, data=init)
+                trace = poutine.trace(given).get_trace(x)
+            init.update({name: trace.nodes[name]["value"].detach() for name in sites})
         kernel = NUTS(model.model, max_plate_nesting=MAX_PLATE_NESTING)
         mcmc = MCMC(
             kernel,
@@ -359,7 +392,7 @@ def nuts_draws(model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = Fal
             disable_progbar=not (progress and sys.stderr.isatty()),
         )
         mcmc.run(x)
-        chains.append(mcmc.get_samples()["z"].reshape(cfg.nuts_samples, -1))
+        chains.append(_joined(mcmc.get_samples(), sites, 1))
     return torch.stack(chains).detach()
 
 
@@ -376,10 +409,11 @@ def to_inference_data(draws: torch.Tensor, observations: list[int]):
 def guide_draws_for(guide_fn, x: torch.Tensor, chains: int, n: int) -> torch.Tensor:
     """``chains · n`` independent draws of z from ``guide_fn(x)`` as ``(chains, n, B, z_dim)``:
     split into 'chains' like the NUTS draws they are compared with (any split of independent
-    draws is a valid set of chains, and arviz's r_hat needs two or more)."""
+    draws is a valid set of chains, and arviz's r_hat needs two or more). With several latent
+    sites, z is their draws joined in the guide's order, as in :func:`nuts_draws`."""
     with torch.no_grad():
         _, values = weights.log_density(guide_fn, x, {}, chains * n, draw=True)
-    return values["z"].reshape(chains, n, x.shape[0], -1)
+    return _joined(values, values, 2).reshape(chains, n, x.shape[0], -1)
 
 
 def compare_posteriors(idata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -504,6 +538,7 @@ def _diagnose(stage, cfg, device, progress, dataset) -> dict[str, Any]:
             item.to_netcdf(str(stage.path(POSTERIORS_NC[name])))
         comparison, summaries = compare_posteriors(idata)
         results["nuts_images"] = len(points)
+        results["nuts_latent_sites"] = latent_sites(model, sub[:1])  # joined in this order
         results.update(comparison)
         results["nuts_summary_point0"] = (
             summaries["nuts"]

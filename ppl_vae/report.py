@@ -49,13 +49,26 @@ def write_figures(
     write_latent_figures(stage, model, dataset, binarization)
 
 
+TRAVERSAL_ORDERS = {
+    "kl_per_dim": "dimensions sorted by KL (largest first)",
+    "posterior_mean_variance": "dimensions sorted by the variance of encode(x) over the test "
+    "images (largest first)",
+}
+"""The eval.json entries traversals are sorted by, the first present, and what the caption says."""
+
+
+def traversal_key(ev: dict, z_dim: int) -> str | None:
+    """The entry of :data:`TRAVERSAL_ORDERS` that orders ``z_dim`` dimensions (None: none)."""
+    return next((key for key in TRAVERSAL_ORDERS if len(ev.get(key, [])) == z_dim), None)
+
+
 def traversal_order(run_dir: Path, z_dim: int) -> list[int]:
     """Latent dimensions by decreasing KL per dimension (eval.json), else by decreasing variance
     of the posterior mean, else in index order."""
     ev = read_results(Path(run_dir) / EVAL_JSON)
-    for key in ("kl_per_dim", "posterior_mean_variance"):
-        if len(ev.get(key, [])) == z_dim:
-            return sorted(range(z_dim), key=lambda i: -ev[key][i])
+    key = traversal_key(ev, z_dim)
+    if key is not None:
+        return sorted(range(z_dim), key=lambda i: -ev[key][i])
     return list(range(z_dim))
 
 
@@ -302,12 +315,16 @@ def diagnostics_section(where: Callable[[str], Path]) -> list[str]:
 
 
 def latent_figures_section(where: Callable[[str], Path]) -> list[str]:
-    """The latent-space figures that :func:`write_latent_figures` drew."""
+    """The latent-space figures that :func:`write_latent_figures` drew; the traversals'
+    caption says the order :func:`traversal_order` took from eval.json."""
+    ev = read_results(where(EVAL_JSON))
+    key = next((k for k in TRAVERSAL_ORDERS if ev.get(k)), None)
+    order = TRAVERSAL_ORDERS[key] if key else "dimensions in index order"
     captions = [
         (plots.INTERPOLATIONS, "Interpolations between test images: per pair a linear (upper) "
          "and a spherical (lower) path between their codes, the originals at the ends"),
         (plots.TRAVERSALS, "Latent traversals of one test image's code, one row per dimension "
-         "from -3 to 3, dimensions sorted by KL (largest first)"),
+         f"from -3 to 3, {order}"),
         (plots.LATENT_MAP, "Posterior means of test images, colored by label"),
         (plots.MANIFOLD, "Decoded manifold: z on a grid of Gaussian quantiles"),
     ]  # fmt: skip

@@ -39,7 +39,7 @@ from ppl_vae.distributed import total as sum_over_ranks
 from ppl_vae.errors import ConfigError, Diverged, RunDirError, UserError
 from ppl_vae.inference.objectives import ObjectiveConfig, loss_module, make_elbo
 from ppl_vae.inference.recording import record
-from ppl_vae.inference.svi import SVIStep, run_svi
+from ppl_vae.inference.svi import SVIStep, check_program, run_svi
 from ppl_vae.metrics import neg_elbo
 from ppl_vae.models import build
 from ppl_vae.models.capabilities import AuxiliaryFit, AuxiliaryFits, TrainingHooks
@@ -153,6 +153,7 @@ def fit(
         )
 
     loss_fn = loss_module(model, cfg.objective, cfg.fast)
+    check_objective(model, loss_fn, dataset.val, cfg.data.binarization)
     created = None  # the topmost folder a new run created, removed if no epoch finishes
     if resume is None:  # rank 0 claims the folder and tells the others
         claimed = runs.new_run_dir(cfg, data.source_record(dataset, cfg.data)) if me.main else None
@@ -244,6 +245,22 @@ class DistributedLoss(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(x)
+
+
+def check_objective(model, loss_fn, split: data.Split, binarization: str) -> None:
+    """Run the loss once on two validation images with Pyro's validation, before a file is
+    written: an objective that the model's programs do not admit (stl or dreg with a flow guide,
+    meanfield with a mixture prior) is then a one-line error with no run folder to remove.
+    Without gradients, its random draws undone and the model in eval mode for the call, so
+    training runs as if it had not happened."""
+    if len(split) == 0:
+        return
+    training = model.training
+    model.eval()
+    try:
+        check_program(loss_fn, data.eval_inputs(split, binarization)[:2])
+    finally:
+        model.train(training)
 
 
 def check_distributable(model: torch.nn.Module) -> None:

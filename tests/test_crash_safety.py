@@ -33,7 +33,7 @@ from ppl_vae import data, evaluate, files, runs, train
 from ppl_vae.cli import main
 from ppl_vae.config import DataConfig, EvalConfig, RunConfig, TrainConfig
 from ppl_vae.errors import RunDirError
-from ppl_vae.models import REGISTRY, AEConfig, VAEConfig, VQVAEConfig
+from ppl_vae.models import REGISTRY, AEConfig, FlowVAEConfig, HVAEConfig, VAEConfig, VQVAEConfig
 from ppl_vae.models.code_prior import CodePriorConfig
 from ppl_vae.models.linear import LinearGaussianConfig
 from ppl_vae.train import fit
@@ -52,6 +52,9 @@ MODELS = {
         code_prior=CodePriorConfig(channels=4, layers=1, epochs=2, batch_size=20),
     ),
     "linear": lambda: LinearGaussianConfig(z_dim=2),
+    "flow": lambda: FlowVAEConfig(z_dim=2, hidden=(16,), flow_hidden=(4,), flow_context=2,
+                                  prior="mog", prior_components=2),  # fmt: skip
+    "hvae": lambda: HVAEConfig(z_dim=2, z2_dim=2, hidden=(16,), hidden2=(8,)),
 }
 TIMING = ("seconds", "images_per_s")  # the only columns two runs of the same config may differ in
 SUBPROCESS_ENV = {

@@ -611,10 +611,11 @@ def test_every_likelihood_fast_paths_match(likelihood, mixtures, seed):
 
 
 def test_which_models_opt_in():
-    """Recording is opt-in per class: the library's MLP/conv VAE, AE and linear model opt in;
-    the VQ-VAE (whose bookkeeping reads tensor values) does not, nor does any subclass."""
+    """Recording is opt-in per class: the library's MLP/conv VAE, AE, two-layer VAE and linear
+    model opt in; the VQ-VAE (whose bookkeeping reads tensor values) does not, nor does any
+    subclass."""
     assert {kind for kind, (_, cls) in REGISTRY.items() if cls.__dict__.get("recordable")} == {
-        "vae", "ae", "linear"
+        "vae", "ae", "hvae", "linear"
     }
 
     class MyVAE(VAE):

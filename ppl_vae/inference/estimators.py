@@ -9,6 +9,10 @@ implementation of the log importance weights (:mod:`ppl_vae.inference.weights`).
 * :class:`ImportanceWeightedELBO` (IWAE, Rényi, DReG) and :class:`STL_ELBO` work on the ``(K,
   B)`` per-datum weights.
 * :class:`TraceGraphModule_ELBO` is ``TraceGraph_ELBO`` with a ``differentiable_loss``.
+* :class:`MeanField_ELBO` is ``TraceMeanField_ELBO`` that refuses a latent site without a
+  closed-form KL instead of silently estimating it as ``Trace_ELBO`` would, and a guide that is
+  not mean-field (latent sites sampled in another order than the model's: two stochastic
+  layers).
 
 **Pyro's RenyiELBO and local latents.** :class:`~pyro.infer.RenyiELBO` (pyro-ppl 1.9.2) sums
 each particle's log weight only over the plates *not* shared by every sample site
@@ -43,11 +47,13 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO
+from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
+from pyro.poutine.subsample_messenger import _Subsample
 
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference import weights
+from ppl_vae.inference.kl import has_analytic_kl
 from ppl_vae.inference.weights import MAX_PLATE_NESTING, NeedsScoreFunction, log_mean_exp
 
 
@@ -143,6 +149,18 @@ class _PerDatapointELBO(ELBO):
                 "tracegraph (score-function gradients with baselines) or trace"
             ) from None
 
+    def path_log_weights(self, model, guide, args, drawn: weights.Weights,
+                         gradient_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The log weights of the draws ``drawn`` whose encoder gradient is the path
+        derivative through every latent site (:func:`~ppl_vae.inference.weights.path_log_weights`),
+        for guides with several latent sites: a later site's distribution may depend on an
+        earlier site's draw (q(z2|z)), which detaching each site's distribution would cut."""
+        (x,) = args
+        return weights.path_log_weights(
+            model, guide, x, drawn.values, self.num_particles, gradient_scale,
+            fused=self.fused, own_params=self.own_params,
+        )  # fmt: skip
+
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("the weights come from ppl_vae.inference.weights at once")
 
@@ -168,13 +186,24 @@ class STL_ELBO(_PerDatapointELBO):
     the score term ∇_φ log q_φ(z), of expectation zero, is dropped. The estimator stays unbiased;
     at the exact posterior its encoder gradient is exactly zero.
 
+    With several latent sites (a hierarchical guide q(z|x) q(z2|z)) detaching each site's
+    distribution would also drop the dependence of log q(z2|z) on z through its parameters,
+    which is part of the path derivative (dropping it stays unbiased, but the gradient no
+    longer vanishes at the exact posterior); the draws are then scored again with the score
+    term cancelled instead (:meth:`path_log_weights`): two more guide runs and one model run.
+
     :param int num_particles: draws of z per datapoint (vectorized).
     """
 
     name = "stl"
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        return -self.log_weights(model, guide, args, kwargs, detach_guide=True).log_w.mean(0).sum()
+        drawn = self.log_weights(model, guide, args, kwargs, detach_guide=True)
+        if len(drawn.values) <= 1:
+            return -drawn.log_w.mean(0).sum()
+        surrogate = self.path_log_weights(model, guide, args, drawn).mean(0).sum()
+        value = drawn.log_w.mean(0).sum().detach()
+        return -(value + surrogate - surrogate.detach())
 
 
 class ImportanceWeightedELBO(_PerDatapointELBO):
@@ -190,9 +219,17 @@ class ImportanceWeightedELBO(_PerDatapointELBO):
     normalized weights ``w̃`` and ``log q`` evaluated at detached parameters; the decoder
     gradient stays the IWAE one, ``Σ_k w̃_k ∇_θ log w_k``. Both are unbiased for the gradient of
     the IWAE bound. Implementation: the surrogate ``Σ_k w̃_k log w_k`` gives the decoder
-    gradient, and a hook on each draw z_k multiplies the gradient reaching it by ``w̃_k``.
-    DReG applies per latent site, so a guide with several latent sites (all in the ``"data"``
-    plate) gets the hook on each.
+    gradient, and a hook on the draw z_k multiplies the gradient reaching it by ``w̃_k``.
+
+    Several latent sites (all in the ``"data"`` plate): z is the joint draw (z, z2, ...), its
+    reparameterization the guide's program, and ∂ log w/∂z the partial derivative at fixed φ,
+    through every dependence on z, the parameters of later sites' distributions included. A
+    hook per draw would be wrong for a hierarchical guide q(z|x) q(z2|z): the gradient that
+    reaches z from z2's draw would be scaled by w̃ twice, and detaching q(z2|z)'s parameters
+    would drop log q(z2|z)'s dependence on z. The draws are then scored again, the gradient of
+    log w alone scaled and the score term cancelled (:meth:`path_log_weights`): two more guide
+    runs and one model run. ``tests/test_hvae.py`` checks it against the plain IWAE gradient
+    and at the exact posterior of a two-layer linear-Gaussian model.
 
     :param int num_particles: K, draws of z per datapoint (vectorized).
     :param float alpha: the Rényi order; α = 1 (the ELBO) is excluded, use ``trace``.
@@ -220,13 +257,17 @@ class ImportanceWeightedELBO(_PerDatapointELBO):
         drawn = self.log_weights(model, guide, args, kwargs, detach_guide=True)
         log_w = drawn.log_w
         normalized = torch.softmax(log_w.detach(), dim=0)  # w̃_kb, normalized over k
-        for value in drawn.values.values():
-            if value.requires_grad:
-                extra = (1,) * (value.dim() - normalized.dim())
-                per_draw = normalized.reshape(normalized.shape + extra)
-                value.register_hook(lambda grad, w=per_draw: grad * w)
-        surrogate = (normalized * log_w).sum()
         value = self.bound(log_w).sum().detach()
+        if len(drawn.values) > 1:
+            path = self.path_log_weights(model, guide, args, drawn, normalized)
+            surrogate = (normalized * path).sum()
+            return -(value + surrogate - surrogate.detach())
+        for draw in drawn.values.values():
+            if draw.requires_grad:
+                extra = (1,) * (draw.dim() - normalized.dim())
+                per_draw = normalized.reshape(normalized.shape + extra)
+                draw.register_hook(lambda grad, w=per_draw: grad * w)
+        surrogate = (normalized * log_w).sum()
         return -(value + surrogate - surrogate.detach())
 
 
@@ -243,3 +284,78 @@ class TraceGraphModule_ELBO(TraceGraph_ELBO):
         elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
         elbo = torch.as_tensor(elbo)
         return -elbo.detach() + surrogate_loss - surrogate_loss.detach()
+
+
+class MeanField_ELBO(TraceMeanField_ELBO):
+    """:class:`~pyro.infer.TraceMeanField_ELBO` (the analytic KL(q ‖ p) of each latent site)
+    that refuses, with a :class:`~ppl_vae.errors.ConfigError`, a site whose KL has no closed
+    form: a normalizing-flow guide, a mixture prior. Pyro would fall back to the Monte Carlo
+    estimate of ``Trace_ELBO`` at that site without a word, and ``--objective meanfield``
+    would then not be what it says.
+
+    It also refuses a pair whose latent sites model and guide sample in different orders
+    (:func:`same_latent_order`), as a hierarchical guide q(z|x) q(z2|z) under a top-down model
+    p(z2) p(z|z2) must: the analytic KL(q(z|x) ‖ p(z|z2)) integrates z out at a z2 that was
+    drawn given z, so its expectation is not the KL term of the ELBO. Pyro only warns, and only
+    under validation. The same order is Pyro's sufficient condition for mean-field structure;
+    a pair that meets the precise one with sites out of order is refused too (use ``trace``).
+    """
+
+    def _get_trace(self, model, guide, args, kwargs):
+        # Trace_ELBO's traces, checked here: TraceMeanField_ELBO's own check of the order only
+        # warns (under validation), before this one could refuse
+        model_trace, guide_trace = Trace_ELBO._get_trace(self, model, guide, args, kwargs)
+        check_mean_field_order(model_trace, guide_trace)
+        return model_trace, guide_trace
+
+    def _differentiable_loss_particle(self, model_trace, guide_trace):
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or name not in guide_trace:
+                continue
+            q, p = guide_trace.nodes[name]["fn"], site["fn"]
+            if not has_analytic_kl(q, p):
+                raise ConfigError(
+                    f"--objective meanfield needs KL(q || p) in closed form at every latent "
+                    f"site; at {name!r} q is {_shown(q)} and p is {_shown(p)}, which have none; "
+                    "use --objective trace (the same ELBO, its KL estimated by Monte Carlo)"
+                )
+        return super()._differentiable_loss_particle(model_trace, guide_trace)
+
+
+def _shown(fn) -> str:
+    """A distribution's type, with what ``Independent`` wraps: ``Independent(Normal)``."""
+    if isinstance(fn, torch.distributions.Independent):
+        return f"Independent({_shown(fn.base_dist)})"
+    return type(fn).__name__
+
+
+def _latent_order(trace, other) -> list[str]:
+    """The latent sample sites of ``trace`` that ``other`` has too, in ``trace``'s order."""
+    return [
+        name for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"] and name in other.nodes
+        and not isinstance(site["fn"], _Subsample)
+    ]  # fmt: skip
+
+
+def same_latent_order(model_trace, guide_trace) -> bool:
+    """Whether model and guide sample their shared latent sites in the same order: the
+    sufficient condition of :class:`~pyro.infer.TraceMeanField_ELBO` for the mean-field
+    structure it assumes (for every latent z of the guide, none of z's parents in the model is
+    a descendant of z in the guide). One latent site always meets it."""
+    return _latent_order(model_trace, guide_trace) == _latent_order(guide_trace, model_trace)
+
+
+def check_mean_field_order(model_trace, guide_trace) -> None:
+    """Raise :class:`ConfigError` unless :func:`same_latent_order` holds."""
+    if not same_latent_order(model_trace, guide_trace):
+        model_order = ", ".join(_latent_order(model_trace, guide_trace))
+        guide_order = ", ".join(_latent_order(guide_trace, model_trace))
+        raise ConfigError(
+            f"--objective meanfield (TraceMeanField_ELBO's analytic KL per site) needs a "
+            f"mean-field guide, but the model samples its latent sites in the order "
+            f"{model_order} and the guide in the order {guide_order} (a hierarchical guide): "
+            "the analytic KL at a site would integrate out a variable that the draws of the "
+            "others depend on; use --objective trace (the same ELBO, its KL estimated by "
+            "Monte Carlo), iwae or dreg"
+        )

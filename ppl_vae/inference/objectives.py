@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO, Trace_ELBO
 
 from ppl_vae.errors import ConfigError, check
 from ppl_vae.inference.estimators import (
     STL_ELBO,
     ImportanceWeightedELBO,
     LeanTrace_ELBO,
+    MeanField_ELBO,
     TraceGraphModule_ELBO,
 )
 from ppl_vae.inference.weights import MAX_PLATE_NESTING
@@ -30,7 +31,8 @@ ObjectiveName = Literal["trace", "meanfield", "tracegraph", "renyi", "iwae", "st
 @dataclass(frozen=True)
 class ObjectiveConfig:
     name: ObjectiveName = "trace"
-    """trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL);
+    """trace: Trace_ELBO (Monte Carlo KL); meanfield: TraceMeanField_ELBO (analytic KL; refused
+    where a latent site has none: a flow guide, a mixture prior);
     tracegraph: TraceGraph_ELBO; renyi: Rényi bound of order --objective.alpha; iwae:
     importance-weighted bound, per datapoint; stl: ELBO with sticking-the-landing gradients;
     dreg: IWAE bound with doubly reparameterized gradients (see ppl_vae.inference)."""
@@ -66,7 +68,7 @@ def _trace(cfg: ObjectiveConfig, fast: bool, own: list[torch.Tensor]) -> ELBO:
 # name → (cfg, fast, the trained module's own parameters) → ELBO
 OBJECTIVES: dict[str, Callable[[ObjectiveConfig, bool, list[torch.Tensor]], ELBO]] = {
     "trace": _trace,
-    "meanfield": lambda cfg, fast, own: TraceMeanField_ELBO(**_pyro_kwargs(cfg)),
+    "meanfield": lambda cfg, fast, own: MeanField_ELBO(**_pyro_kwargs(cfg)),
     "tracegraph": lambda cfg, fast, own: TraceGraphModule_ELBO(**_pyro_kwargs(cfg)),
     "renyi": lambda cfg, fast, own: ImportanceWeightedELBO(
         cfg.num_particles, cfg.alpha, own_params=own, fused=fast

@@ -129,6 +129,15 @@ def detach_parameters(fn: tdist.Distribution) -> tdist.Distribution:
         return type(fn)(fn.loc.detach(), scale_tril=fn.scale_tril.detach())
     if isinstance(fn, pyro.distributions.Delta):
         return type(fn)(fn.v.detach(), fn.log_density.detach(), event_dim=fn.event_dim)
+    if isinstance(fn, tdist.TransformedDistribution):
+        # log q at the draw with the flow's parameters detached is log q of a flow that did
+        # not make the draw: its inverse at z, a pass per dimension for IAF. Not done here.
+        raise ConfigError(
+            "--objective stl/dreg evaluate log q(z|x) at the draw with the guide's parameters "
+            "detached, which for a normalizing-flow guide (TransformedDistribution) means "
+            "inverting a copy of the flow at z; that is not implemented; use --objective iwae "
+            "or trace (or renyi)"
+        )
     raise ConfigError(
         f"--objective stl/dreg detach the guide's parameters, which is implemented for Normal, "
         f"MultivariateNormal and Delta guides; got {type(fn).__name__}; use --objective iwae "
@@ -283,6 +292,7 @@ class _Densities(Messenger):
         self.values: dict[str, torch.Tensor] = {}
         self.noise: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.drawing = False
+        self.latent_only = False  # collect the latent sites' densities alone (no observations)
         self.terms: list[torch.Tensor] = []  # the running program's densities, in site order
 
     def run(self, program: Callable, *args, draw: bool, **kwargs) -> list[torch.Tensor]:
@@ -334,6 +344,8 @@ class _Densities(Messenger):
         if drawing and self.require_rsample:
             if msg["infer"].get("enumerate") or not fn.has_rsample:
                 raise NeedsScoreFunction(name)
+        if self.latent_only and msg["is_observed"]:
+            return
         noise = self.noise.pop(name, None) if drawing else None
         if noise is not None and noise[0] is not msg["value"]:
             noise = None  # another handler changed the value after the draw
@@ -487,6 +499,62 @@ def log_density(
         run.values = {} if draw else dict(values)
         terms = run.run(particle_plate(program, num_particles), x, draw=draw)
     return _combine(terms, [], x, num_particles, x.shape[0]), run.values
+
+
+def path_log_weights(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    values: dict[str, torch.Tensor],
+    num_particles: int,
+    gradient_scale: torch.Tensor | None = None,
+    *,
+    fused: bool = True,
+    own_params: dict[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """log w = log p(x, z) − log q(z|x) at the guide's draws ``values``, ``(K, B)``, whose
+    gradient in the guide's parameters φ is the path derivative alone, (∂ log w/∂z)(dz/dφ):
+    the score term −∂_φ log q_φ(z) at fixed z (of expectation zero) is left out, and ∂ log w/∂z
+    follows *every* dependence on z, the parameters of later guide sites included (z in
+    q(z2|z)). Detaching each site's distribution (:func:`detach_parameters`, enough for one
+    latent site) would cut that dependence: it is right only for guides whose sites do not
+    depend on each other's draws.
+
+    Three runs with the draws replayed, sg the stop-gradient::
+
+        log p(x, z̃) − log q_φ(z̃|x) + [log q_φ(sg z|x) − sg(log q_φ(sg z|x))]
+
+    with z̃ = sg z + s·(z − sg z): equal to z, the gradient reaching it multiplied by
+    ``gradient_scale`` s (``(K, B)``, default 1). The bracket is zero, its gradient the score
+    term of the latent sites, which cancels the second term's; a guide's factors stay in log q
+    as they are. Only the gradient of log w at z̃ is scaled, not the one that flows on along
+    the draws themselves (z2 = μ(z) + σ(z)·ε back to z, and z to φ), so Σ s·(this) with s the
+    normalized weights w̃ has the encoder gradient Σ w̃² (∂ log w/∂z)(dz/dφ) of DReG (Tucker
+    et al. 2018) for the joint z = (z, z2, ...), and the decoder gradient Σ w̃ ∇_θ log p(x, z).
+
+    :param values: the guide's draws by site name, ``(K, B, ...)``, differentiable in φ.
+    """
+    if gradient_scale is None:
+        scaled = values
+    else:
+        scaled = {}
+        for name, value in values.items():
+            scale = gradient_scale.reshape(
+                gradient_scale.shape + (1,) * (value.dim() - gradient_scale.dim())
+            )
+            fixed = value.detach()
+            scaled[name] = fixed + scale * (value - fixed)
+    guide_p, model_p = particle_plate(guide, num_particles), particle_plate(model, num_particles)
+    with _Densities(per_datum=True, fused=fused, own_params=own_params) as run:
+        run.values = dict(scaled)
+        guide_terms = run.run(guide_p, x, draw=False)
+        model_terms = run.run(model_p, x, draw=False)
+        run.values = {name: value.detach() for name, value in values.items()}
+        run.latent_only = True
+        score_terms = run.run(guide_p, x, draw=False)
+    batch = x.shape[0]
+    score = _combine(score_terms, [], x, num_particles, batch)
+    return _combine(model_terms, guide_terms, x, num_particles, batch) + (score - score.detach())
 
 
 def program_parameters(program: Callable, *args, **kwargs) -> list[torch.Tensor]:

@@ -14,6 +14,8 @@ from typing import Any
 from ppl_vae.errors import ConfigError
 from ppl_vae.models.ae import AE, AEConfig
 from ppl_vae.models.base import LatentVariableModel, ModelConfig
+from ppl_vae.models.flow import FlowVAE, FlowVAEConfig
+from ppl_vae.models.hvae import HVAE, HVAEConfig
 from ppl_vae.models.linear import LinearGaussian, LinearGaussianConfig
 from ppl_vae.models.vae import VAE, VAEConfig
 from ppl_vae.models.vqvae import VQVAE, VQVAEConfig
@@ -23,6 +25,8 @@ REGISTRY: dict[str, tuple[type[ModelConfig], type[LatentVariableModel]]] = {
     AEConfig.kind: (AEConfig, AE),
     VQVAEConfig.kind: (VQVAEConfig, VQVAE),
     LinearGaussianConfig.kind: (LinearGaussianConfig, LinearGaussian),
+    FlowVAEConfig.kind: (FlowVAEConfig, FlowVAE),
+    HVAEConfig.kind: (HVAEConfig, HVAE),
 }
 
 
@@ -45,6 +49,10 @@ __all__ = [
     "REGISTRY",
     "AE",
     "AEConfig",
+    "FlowVAE",
+    "FlowVAEConfig",
+    "HVAE",
+    "HVAEConfig",
     "VAE",
     "VAEConfig",
     "VQVAE",
