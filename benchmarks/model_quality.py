@@ -47,8 +47,8 @@ def extra_configs(one_layer) -> dict:
         "VAE, IAF guide (2 steps)": FlowVAEConfig(
             z_dim=50, hidden=(200, 200), activation="tanh", guide_flow="iaf", flow_steps=2
         ),
-        "VAE, VampPrior (K = 500 pseudo-inputs)": replace(
-            one_layer, prior="vamp", prior_components=500
+        "VAE, VampPrior (K = 50 pseudo-inputs)": replace(
+            one_layer, prior="vamp", prior_components=50
         ),
     }
 
