@@ -43,7 +43,8 @@ import torch
 
 from ppl_vae import sources
 from ppl_vae.distributed import device_for
-from ppl_vae.errors import ConfigError, DataError, check
+from ppl_vae.errors import ConfigError, DataError, check, first_line, one_line
+from ppl_vae.files import folder_problem
 
 VAL_SIZE = 10_000
 SPLIT_SEED = 20151101  # fixes the train/validation split; independent of the run seed
@@ -183,9 +184,9 @@ def read_idx(path: str | Path, dataset: str = "fashion-mnist") -> torch.Tensor:
     except IsADirectoryError:
         raise DataError(f"{path}: is a folder, not an IDX file; {how_to_get(dataset)}") from None
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise DataError(
-            f"{path}: cannot be read ({reason}; damaged or not a gzip file); {how_to_get(dataset)}"
+            f"{path}: cannot be read ({first_line(err)}; damaged or not a gzip file); "
+            f"{how_to_get(dataset)}"
         ) from None
     if len(raw) < 4:
         raise DataError(f"{path}: truncated IDX file ({len(raw)} bytes); {how_to_get(dataset)}")
@@ -241,8 +242,10 @@ def locate(cfg: DataConfig) -> dict[str, Path]:
     if cfg.data_dir is not None:
         folder = Path(cfg.data_dir).expanduser()
         if not folder.is_dir():
-            what = "is a file, not a folder" if folder.exists() else "no such directory"
-            raise DataError(f"--data.data-dir {folder}: {what}; {how_to_get(cfg.dataset)}")
+            raise DataError(
+                f"--data.data-dir {folder}: {folder_problem(folder)}; "
+                f"{how_to_get(cfg.dataset)}"
+            )
         for sub in (folder, folder / tv_name / "raw"):
             files = find_idx_files(sub)
             if files is not None:
@@ -278,10 +281,9 @@ def download(dataset: str) -> dict[str, Path]:
         except Exception as err:  # torchvision raises RuntimeError/URLError/OSError
             if created:  # the topmost folder this call made
                 shutil.rmtree(created[0], ignore_errors=True)
-            reason = " ".join(str(err).split()) or type(err).__name__
-            reason = reason if len(reason) <= 160 else reason[:157] + "..."
             raise DataError(
-                f"{dataset}: not found locally and the download into {root} failed ({reason}); "
+                f"{dataset}: not found locally and the download into {root} failed "
+                f"({one_line(err)}); "
                 f"{how_to_get(dataset)}"
             ) from None
     files = find_idx_files(raw)

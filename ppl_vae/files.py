@@ -198,6 +198,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def folder_problem(path: Path) -> str:
+    """Why ``path``, which is not a folder, cannot be used as one, for a one-line error."""
+    return "is a file, not a folder" if Path(path).exists() else "no such directory"
+
+
 def check_writable(folder: Path, what: str) -> None:
     """Fail with one line now, before any work, when nothing can be written into ``folder``
     (permissions, a read-only filesystem); ``what`` says what the user can do."""

@@ -25,7 +25,7 @@ import torch
 
 from ppl_vae import files
 from ppl_vae.config import RunConfig, from_dict, to_dict
-from ppl_vae.errors import RunDirError, UserError
+from ppl_vae.errors import RunDirError, UserError, first_line
 from ppl_vae.models import LatentVariableModel, build
 
 CONFIG = "config.json"
@@ -215,8 +215,8 @@ def load_checkpoint(
     except OSError as err:
         raise files.os_error(err, path, "") from None
     except Exception as err:  # a damaged zip or pickle stream comes in many types
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        first = first.split(". ")[0]  # torch's first sentence; the rest is advice for developers
+        # torch's first sentence; the rest is advice for developers
+        first = first_line(err).split(". ")[0]
         raise RunDirError(
             f"{path}: not a readable checkpoint ({first[:120]}); it is damaged or was not "
             "written by `ppl-vae train`"

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ppl_vae import files
-from ppl_vae.errors import DataError, UserError
+from ppl_vae.errors import DataError, UserError, first_line, one_line
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 CHANNEL_COUNTS = (1, 3, 4)
@@ -75,8 +75,9 @@ def read_torchvision(name: str, root: Path | None, cache: Path, emnist_split: st
     cls = getattr(torchvision.datasets, TORCHVISION_SOURCES[name])
     folder = Path(root) if root is not None else cache
     if root is not None and not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "no such directory"
-        raise DataError(f"--data.data-dir {folder}: {what}; {_torchvision_hint(name)}")
+        raise DataError(
+            f"--data.data-dir {folder}: {files.folder_problem(folder)}; {_torchvision_hint(name)}"
+        )
     expected = torchvision_files(folder, name, emnist_split)
     if root is not None:  # name the first file torchvision would miss, and where it goes
         for path in expected.values():
@@ -96,9 +97,7 @@ def read_torchvision(name: str, root: Path | None, cache: Path, emnist_split: st
         try:
             ds = cls(root=str(folder), download=root is None, **args)
         except Exception as err:  # torchvision: RuntimeError (missing, md5), URLError, ...
-            reason = " ".join(str(err).split()) or type(err).__name__
-            reason = reason if len(reason) <= 160 else reason[:157] + "..."
-            raise DataError(f"{folder}: {name} could not be read ({reason}); "
+            raise DataError(f"{folder}: {name} could not be read ({one_line(err)}); "
                             f"{_torchvision_hint(name)}") from None  # fmt: skip
         images = torch.as_tensor(ds.data)
         labels = torch.as_tensor(ds.labels if name == "svhn" else ds.targets).long()
@@ -148,8 +147,10 @@ def read_folder(folder: Path, image_size: int, user_cache: Path) -> Raw:
     """The images of ``folder`` (see the module doc), decoded once and cached."""
     folder = Path(folder)
     if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "no such directory"
-        raise DataError(f"--data.data-dir {folder}: {what}; pass a folder of PNG/JPEG images")
+        raise DataError(
+            f"--data.data-dir {folder}: {files.folder_problem(folder)}; pass a folder of "
+            "PNG/JPEG images"
+        )
     splits = {"train": folder / "train", "test": folder / "test"}
     if not splits["train"].is_dir():
         splits = {"train": folder}
@@ -257,8 +258,7 @@ def _decode(paths: list[Path], image_size: int) -> torch.Tensor:
                 im.load()
                 im = im.convert("L" if im.mode in GREY_MODES else "RGB")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise DataError(f"{p}: cannot be decoded as an image ({reason}); remove or "
+            raise DataError(f"{p}: cannot be decoded as an image ({first_line(err)}); remove or "
                             "replace it") from None  # fmt: skip
         t = pil_to_tensor(im)
         if image_size:
@@ -339,10 +339,8 @@ def _load_array_file(path: Path, suffix: str):
                 return {k: z[k] for k in z.files}
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # numpy: ValueError/OSError/EOFError, torch: UnpicklingError, ...
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        reason = reason if len(reason) <= 160 else reason[:157] + "..."
-        raise DataError(f"{path}: cannot be read as {suffix} ({reason}); damaged or not "
-                        f"a {suffix} file") from None  # fmt: skip
+        raise DataError(f"{path}: cannot be read as {suffix} ({first_line(err, 160)}); "
+                        f"damaged or not a {suffix} file") from None  # fmt: skip
 
 
 def _as_images(array, layout: str, where: str) -> torch.Tensor:
