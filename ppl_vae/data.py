@@ -321,6 +321,10 @@ class Split:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def head(self, n: int) -> Split:
+        """The first ``n`` images, with their labels and fixed binarization, where they are."""
+        return Split(self.images[:n], self.labels[:n], self.fixed_binary[:n], self.streamed_to)
+
     @property
     def num_pixels(self) -> int:
         return self.images[0].numel()
@@ -335,6 +339,16 @@ class Dataset:
     files: dict[str, Path]
     shape: tuple[int, int, int] = (1, 28, 28)
     """Channels, height and width of every image."""
+
+    @property
+    def source(self) -> Path | str:
+        """What names the data in messages (:func:`source_of`)."""
+        return source_of(self.files, self.name)
+
+
+def source_of(files: dict[str, Path], name: str) -> Path | str:
+    """The training images' file, else the first file or folder read, else the dataset name."""
+    return files.get("train_images") or next(iter(files.values()), name)
 
 
 # Label counts of the 60,000 training images, which tell the two datasets apart whatever their
@@ -415,7 +429,7 @@ def load(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
     """Read, validate and split the dataset; every tensor ends on ``device``."""
     raw = read_source(cfg)
     files = raw.files
-    source = files.get("train_images") or next(iter(files.values()), cfg.dataset)
+    source = source_of(files, cfg.dataset)
     train_images, train_labels = raw.train_images, raw.train_labels
     test_images, test_labels = raw.test_images, raw.test_labels
     if test_images is None:  # no test split of its own: the last images of a seeded order

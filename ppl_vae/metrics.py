@@ -473,20 +473,20 @@ def bits_per_dim_basis(facts: ProgramFacts, data_mode: str | None) -> tuple[floa
     )
 
 
-def _bits(c: Context, nll: float) -> float | None:
-    """bits/dim of a -log p(x) in nats per image (None where the basis gives none)."""
-    offset, _ = bits_per_dim_basis(c.facts, c.data_mode)
+def _bits(c: Context, nll: float) -> tuple[float | None, str]:
+    """bits/dim of a -log p(x) in nats per image (None where the basis gives none), and the
+    basis (:func:`bits_per_dim_basis`)."""
+    offset, basis = bits_per_dim_basis(c.facts, c.data_mode)
     if offset is None:
-        return None
+        return None, basis
     dims = c.inputs.shape[1]
-    return (nll + dims * offset) / (dims * math.log(2))
+    return (nll + dims * offset) / (dims * math.log(2)), basis
 
 
 def _with_bits(c: Context, results: dict[str, Any], key: str, nll: float) -> dict[str, Any]:
     """``results`` with ``key`` = bits/dim of ``nll``, ``bits_per_dim_basis`` and a note
     saying which likelihood and correction the figure uses (or why there is none)."""
-    _, basis = bits_per_dim_basis(c.facts, c.data_mode)
-    bits = _bits(c, nll)
+    bits, basis = _bits(c, nll)
     if bits is not None:
         results[key] = bits
         results["bits_per_dim_basis"] = basis
@@ -630,7 +630,7 @@ def _code_prior(c: Context) -> dict[str, Any]:
         "code_prior_bits_per_dim": nll / (c.inputs.shape[1] * math.log(2)),
         "code_prior_neg_elbo": c.results["recon_nll"] + nll,
     }
-    bits = _bits(c, results["code_prior_neg_elbo"])
+    bits, _ = _bits(c, results["code_prior_neg_elbo"])
     if bits is not None:  # its basis is the one of the exact -ELBO's bits/dim, noted there
         results["code_prior_elbo_bits_per_dim"] = bits
     if "kl_point_mass" in c.results:

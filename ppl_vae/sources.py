@@ -162,7 +162,8 @@ def read_folder(folder: Path, image_size: int, user_cache: Path) -> Raw:
                 "pass a folder of images (.png, .jpg, .jpeg)"
             )
     key = _cache_key(folder, listing, image_size)
-    for where in (folder / CACHE_FOLDER, user_cache / "folders"):
+    places = (folder / CACHE_FOLDER, user_cache / "folders")  # beside the data, else the user's
+    for where in places:
         cached = where / f"{key}.pt"
         if cached.is_file():
             try:
@@ -186,7 +187,7 @@ def read_folder(folder: Path, image_size: int, user_cache: Path) -> Raw:
     saved = {f"{part}_{what}": t for part, pair in decoded.items()
              for what, t in zip(("images", "labels"), pair, strict=True)}  # fmt: skip
     payload = files.torch_bytes(saved)
-    for where in (folder / CACHE_FOLDER, user_cache / "folders"):
+    for where in places:
         try:
             where.mkdir(parents=True, exist_ok=True)
             files.write_atomic(where / f"{key}.pt", payload, "")

@@ -111,7 +111,7 @@ def fit(
     device = data.resolve_device(cfg.train.device, "--train.device")
     if resume is None:  # a new run's model takes its input shape from the data
         dataset = dataset or data.load(cfg.data, device)
-        cfg = shaped_for(cfg, dataset.shape, dataset.files.get("train_images", dataset.name))
+        cfg = shaped_for(cfg, dataset.shape, dataset.source)
     seed_everything(cfg.train.seed)
     model = build(cfg.model).to(device)  # the same initial weights on every rank
     check_precision(model, cfg.train.precision)
@@ -140,16 +140,15 @@ def fit(
             raise RunDirError(f"{path}: its epoch, step or random state is damaged") from None
         rows = runs.history(state, run_dir)
     dataset = dataset or data.load(cfg.data, device)
-    check_fits(cfg, dataset.train.num_pixels, dataset.files.get("train_images", dataset.name))
+    check_fits(cfg, dataset.train.num_pixels, dataset.source)
     source, mode = data.train_source(cfg.data, dataset.train, len(dataset.val))
     if cfg.train.progress and me.main:
-        first = next(iter(dataset.files.values()), None)
-        where = Path(first).parent if first is not None and Path(first).is_file() else first
+        where = Path(dataset.source).parent if Path(dataset.source).is_file() else dataset.source
         streamed = " (streamed from host memory)" if dataset.train.streamed_to else ""
         tqdm.write(
             f"data: {source.shape[0]} training{streamed}, {len(dataset.val)} validation and "
             f"{len(dataset.test)} test images of {'x'.join(map(str, dataset.shape))} from "
-            f"{where or dataset.name}"
+            f"{where}"
         )
 
     loss_fn = loss_module(model, cfg.objective, cfg.fast)
@@ -258,7 +257,7 @@ def check_objective(model, loss_fn, split: data.Split, binarization: str) -> Non
     training = model.training
     model.eval()
     try:
-        check_program(loss_fn, data.eval_inputs(split, binarization)[:2])
+        check_program(loss_fn, data.eval_inputs(split.head(2), binarization))
     finally:
         model.train(training)
 
