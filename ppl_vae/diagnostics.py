@@ -3,9 +3,11 @@ approximation gaps, and NUTS gold-standard posteriors; everything exportable as 
 
 All three look at a model whose guide q(z|x) has a density over a vector z (a VAE, the
 linear-Gaussian model); point-mass guides (AE, VQ-VAE) have no importance weights and are
-refused with a :class:`~ppl_vae.errors.ConfigError`. The gaps need a Gaussian guide
-(:class:`~ppl_vae.models.capabilities.GaussianGuide`), since the local q* they fit must lie in
-the guide's family; for other density guides they are left out, with a note. A guide with
+refused with a :class:`~ppl_vae.errors.ConfigError`. The local q* of the gaps lies in the
+guide's family: a diagonal Gaussian per image for a Gaussian guide
+(:class:`~ppl_vae.models.capabilities.GaussianGuide`), and for a flow guide or two stochastic
+layers the guide itself with its encoder's outputs free per image
+(:class:`LocalEncoderOutputs`); other density guides have no gaps, with a note. A guide with
 several latent sites (two stochastic layers: ``"z"`` and ``"z2"``) has importance weights and
 k̂ like any other; NUTS samples all its sites, and its draws and the guide's are compared as
 one vector, the sites joined in the guide's order (``nuts_latent_sites`` in diagnostics.json).
@@ -235,6 +237,66 @@ class LocalGuide(torch.nn.Module):
         with pyro.plate("data", x.shape[0]):
             pyro.sample("z", dist.Normal(self.z_loc, self.z_scale).to_event(1))
 
+    def select(self, points: list[int]) -> LocalGuide:
+        """q* of the datapoints ``points`` alone."""
+        return LocalGuide(self.z_loc[points], self.z_scale[points])
+
+
+class LocalEncoderOutputs(torch.nn.Module):
+    """q*(·|x_b): the model's own guide with what its encoder computes from x_b (the raw
+    output of ``model.encoder.net``: for a flow guide the base Normal's parameters and the
+    context of the transforms, for two stochastic layers those of q(z|x)) replaced by free
+    parameters per datapoint.
+
+    The family is the set of distributions the guide can express for *some* encoder output:
+    the flow's transforms and the second layer's q(z2|z), which see no x, stay as trained
+    (for the hvae that loses nothing: p(z2|z, x) = p(z2|z) in its model). For a Gaussian
+    guide this is the family of :class:`LocalGuide`. The substitution is a forward hook on
+    the encoder network while the guide runs; the encoder still runs, its output unused.
+    Starts at the amortized guide's outputs for ``x``.
+    """
+
+    def __init__(self, model, x: torch.Tensor, raw: torch.Tensor | None = None):
+        super().__init__()
+        self.models = [model]  # a list, so that the model's parameters are not q*'s
+        if raw is None:
+            with torch.no_grad():
+                raw = model.encoder.net(x)
+        self.raw = torch.nn.Parameter(raw.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> None:
+        model = self.models[0]
+
+        def substitute(module, inputs, output):
+            if output.shape != self.raw.shape:
+                raise ValueError(
+                    f"the local q* was fitted to {self.raw.shape[0]} images; the guide ran on "
+                    f"{x.shape[0]}"
+                )
+            return self.raw.to(output.dtype)
+
+        handle = model.encoder.net.register_forward_hook(substitute)
+        try:
+            model.guide(x)
+        finally:
+            handle.remove()
+
+    def select(self, points: list[int]) -> LocalEncoderOutputs:
+        """q* of the datapoints ``points`` alone."""
+        return LocalEncoderOutputs(self.models[0], None, self.raw[points])
+
+
+def local_family(model) -> str | None:
+    """How the gaps' local q* is made for ``model``: ``"gaussian"`` (:class:`LocalGuide`, a
+    Gaussian guide), ``"encoder-outputs"`` (:class:`LocalEncoderOutputs`, a guide whose x
+    enters through ``encoder.net``: a flow guide, two stochastic layers), or None."""
+    if isinstance(model, GaussianGuide):
+        return "gaussian"
+    encoder = getattr(model, "encoder", None)
+    if isinstance(getattr(encoder, "net", None), torch.nn.Module):
+        return "encoder-outputs"
+    return None
+
 
 @contextlib.contextmanager
 def frozen(model: torch.nn.Module):
@@ -254,21 +316,33 @@ def frozen(model: torch.nn.Module):
 
 
 def fit_local_guide(
-    model, x: torch.Tensor, cfg: DiagnoseConfig, progress: bool = False, fast: bool = True
-) -> LocalGuide:
-    """Optimize a :class:`LocalGuide` for the batch ``x`` by SVI, the model frozen.
+    model,
+    x: torch.Tensor,
+    cfg: DiagnoseConfig,
+    progress: bool = False,
+    fast: bool = True,
+    family: str | None = None,
+) -> LocalGuide | LocalEncoderOutputs:
+    """Optimize a local q* for the batch ``x`` by SVI, the model frozen.
 
-    Starts from the amortized guide's mean and marginal standard deviations
-    (:class:`~ppl_vae.models.capabilities.GaussianGuide`), so q* can only improve on the
-    diagonal part of q, then takes ``cfg.local_steps`` Adam steps of the one SVI loop on the
+    For a Gaussian guide a :class:`LocalGuide`, started from the amortized guide's mean and
+    marginal standard deviations (:class:`~ppl_vae.models.capabilities.GaussianGuide`), so q*
+    can only improve on the diagonal part of q; otherwise a :class:`LocalEncoderOutputs`,
+    started from the encoder's outputs (without the fast paths: the recorder does not follow
+    a forward hook). Then it takes ``cfg.local_steps`` Adam steps of the one SVI loop on the
     Trace_ELBO with ``cfg.local_particles`` vectorized particles, the learning rate decaying
     from ``cfg.local_lr`` to 1% of it. The loss is a sum over datapoints whose parameters are
     disjoint, and Adam works per coordinate, so every datapoint is fitted independently. The
     model is frozen (:func:`frozen`): its parameters and their gradients stay untouched.
+
+    :param family: ``"gaussian"`` or ``"encoder-outputs"``; default :func:`local_family`.
     """
-    with torch.no_grad():
-        q = model.posterior(x)
-        local = LocalGuide(q.mean, q.variance.sqrt())
+    if (family or local_family(model)) == "gaussian":
+        with torch.no_grad():
+            q = model.posterior(x)
+            local = LocalGuide(q.mean, q.variance.sqrt())
+    else:
+        local, fast = LocalEncoderOutputs(model, x), False
     params = list(local.parameters())
     elbo = make_elbo(ObjectiveConfig("trace", cfg.local_particles), fast, params)
     optimizer = torch.optim.Adam(params, lr=cfg.local_lr)
@@ -506,17 +580,18 @@ def _diagnose(stage, cfg, device, progress, dataset) -> dict[str, Any]:
     importance.to_netcdf(str(stage.path(IMPORTANCE_NC)))
     plots.khat_figure(khat, stage.path(plots.KHAT))
 
-    # amortization and approximation gaps (q* Gaussian, so for Gaussian guides)
+    # amortization and approximation gaps (q* in the guide's family, fitted per image)
     x_gap = inputs[: cfg.gap_images]
     local = None
-    if isinstance(model, GaussianGuide):
+    if local_family(model) is not None:
         gaps, local = inference_gaps(model, x_gap, cfg, progress, run_cfg.fast)
         results.update(gaps)
+        results["gap_local_family"] = local_family(model)
     else:
         results["gap_images"] = 0
         results["notes"] = [
-            "the gaps are left out: the local q* is a diagonal Gaussian, which is not the "
-            f"family of {type(model).__name__}'s guide"
+            f"the gaps are left out: {type(model).__name__}'s guide has neither a Gaussian "
+            "q(z|x) nor an encoder network whose outputs a local q* could free"
         ]
 
     # NUTS on a few images, against q (and q*)
@@ -532,7 +607,7 @@ def _diagnose(stage, cfg, device, progress, dataset) -> dict[str, Any]:
             "amortized": to_inference_data(guide_draws_for(model.guide, sub, chains, n), points),
         }
         if local is not None:
-            local_sub = LocalGuide(local.z_loc[points], local.z_scale[points])
+            local_sub = local.select(points)
             idata["local"] = to_inference_data(guide_draws_for(local_sub, sub, chains, n), points)
         for name, item in idata.items():
             item.to_netcdf(str(stage.path(POSTERIORS_NC[name])))

@@ -248,8 +248,9 @@ class DistributedLoss(torch.nn.Module):
 
 def check_objective(model, loss_fn, split: data.Split, binarization: str) -> None:
     """Run the loss once on two validation images with Pyro's validation, before a file is
-    written: an objective that the model's programs do not admit (stl or dreg with a flow guide,
-    meanfield with a mixture prior) is then a one-line error with no run folder to remove.
+    written: an objective that the model's programs do not admit (meanfield with a mixture
+    prior, stl or dreg with a guide site that has no rsample) is then a one-line error with no
+    run folder to remove.
     Without gradients, its random draws undone and the model in eval mode for the call, so
     training runs as if it had not happened."""
     if len(split) == 0:
@@ -264,10 +265,14 @@ def check_objective(model, loss_fn, split: data.Split, binarization: str) -> Non
 
 def check_distributable(model: torch.nn.Module) -> None:
     """Models whose state changes outside gradients (buffers such as an EMA codebook) or that
-    fit parts after training are not shared over processes yet: refused in one line."""
+    fit parts after training are not shared over processes yet: refused in one line. Buffers
+    pass when the model keeps them equal over the ranks itself (``syncs_buffers``: the
+    VQ-VAE's quantizer) or never writes them after construction (``constant_buffers``: a flow
+    guide's masks and variable orders, built from the seed every rank shares)."""
     names = {name for name, _ in model.named_parameters()}
     buffers = sorted(set(model.state_dict()) - names)
-    if buffers and not getattr(model, "syncs_buffers", False):
+    shared = getattr(model, "syncs_buffers", False) or getattr(model, "constant_buffers", False)
+    if buffers and not shared:
         what = f"buffers {', '.join(buffers[:3])}"
         raise ConfigError(
             f"{type(model).__name__} has {what}, which distributed training does not share "
@@ -307,6 +312,7 @@ def _train(cfg, model, loss_fn, optimizer, batch_order, dataset, source, mode, r
                 part, train_step.denominator = images[:1], math.inf
             yield data.to_input(part, mode)
         STAND_IN["now"] = False
+
     hooks = model if isinstance(model, TrainingHooks) else None
 
     def before_step() -> None:

@@ -18,11 +18,11 @@ import pytest
 import torch
 from conftest import REPO, write_fake_idx
 
-from ppl_vae import distributed, train
+from ppl_vae import distributed, runs, train
 from ppl_vae.config import RunConfig, TrainConfig
 from ppl_vae.data import DataConfig
 from ppl_vae.metrics import EvalConfig
-from ppl_vae.models import VAEConfig
+from ppl_vae.models import VAEConfig, build
 
 
 def free_port() -> int:
@@ -168,12 +168,17 @@ def test_ae_training_on_two_processes_equals_one(run_dir, tmp_path):
     assert b["world_size"] == 2 and len(b["rng_ranks"]) == 2
 
 
-def test_vae_resume_on_two_processes_is_bit_exact_and_needs_the_same_count(run_dir, tmp_path):
+FLOW = ["--model.flow-steps", "2", "--model.flow-hidden", "8", "--model.flow-context", "4"]
+
+
+@pytest.mark.parametrize("kind", ["vae", "flow"])
+def test_resume_on_two_processes_is_bit_exact_and_needs_the_same_count(kind, run_dir, tmp_path):
     """Each rank's random streams are in the checkpoint: 1 epoch + --resume to 3 equals 3
     epochs straight, bit for bit. Batch 199 of 200 images leaves a last batch of 1 image: one
-    rank steps on a stand-in (zero weight) so that neither waits for the other."""
-    flags = ["train", "vae", *data_flags(run_dir), *TINY, "--train.batch-size", "199",
-             "--runs-dir", str(tmp_path)]  # fmt: skip
+    rank steps on a stand-in (zero weight) so that neither waits for the other. The flow guide
+    (IAF) has buffers, its MADEs' masks and orders: constant, equal to a fresh model's."""
+    flags = ["train", kind, *data_flags(run_dir), *TINY, "--train.batch-size", "199",
+             "--runs-dir", str(tmp_path), *(FLOW if kind == "flow" else [])]  # fmt: skip
     straight = torchrun(2, *flags, "--train.epochs", "3", "--name", "straight")
     first = torchrun(2, *flags, "--train.epochs", "1", "--name", "resumed")
     assert straight.returncode == 0 and first.returncode == 0, straight.stderr[-2000:]
@@ -189,6 +194,12 @@ def test_vae_resume_on_two_processes_is_bit_exact_and_needs_the_same_count(run_d
     lines = [line for line in other.stderr.splitlines() if line.startswith("ppl-vae train:")]
     assert len(lines) == 1 and "was written by 2 process(es), this job has 1" in lines[0]
     assert (tmp_path / "resumed" / "config.json").read_bytes() == before
+    if kind == "flow":
+        _, fresh, _ = runs.load_model(tmp_path / "straight", torch.device("cpu"))
+        rebuilt = build(fresh.config).state_dict()
+        buffers = [name for name in a["model"] if "mask" in name or "permutation" in name]
+        assert len(buffers) >= 4
+        assert all(torch.equal(a["model"][name], rebuilt[name]) for name in buffers)
 
 
 VQ = ["--model.codebook-size", "16", "--model.code-dim", "8", "--model.conv-channels", "8", "8",

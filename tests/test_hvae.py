@@ -498,7 +498,8 @@ SMALL = ["--model.z-dim", "4", "--model.z2-dim", "2", "--model.hidden", "16",
 
 def test_cli_trains_evaluates_diagnoses_and_samples_it(fake_data_dir, tmp_path, capsys):
     """`ppl-vae train hvae` (here with DReG) writes a run folder whose eval.json has what
-    applies and lacks what does not; evaluate, diagnose (k̂, NUTS over both layers, no gaps),
+    applies and lacks what does not; evaluate, diagnose (k̂, NUTS over both layers, the gaps
+    with q*(z|x) free per image and q(z2|z) as trained),
     sample and report work from the folder alone."""
     argv = ["train", "hvae", "--data.data-dir", str(fake_data_dir), "--runs-dir", str(tmp_path),
             "--name", "h", "--objective", "dreg", "--objective.num-particles", "3",
@@ -516,9 +517,12 @@ def test_cli_trains_evaluates_diagnoses_and_samples_it(fake_data_dir, tmp_path, 
     argv = ["diagnose", str(run_dir), "--images", "4", "--k", "50", "--gap-images", "2",
             "--nuts-images", "1", "--nuts-warmup", "5", "--nuts-samples", "5"]  # fmt: skip
     assert main(argv) == 0
-    assert "note: the gaps are left out" in capsys.readouterr().out
+    assert "note: the gaps are left out" not in capsys.readouterr().out
     diag = json.loads((run_dir / "diagnostics.json").read_text())
-    assert math.isfinite(diag["khat_mean"]) and "amortization_gap" not in diag
+    assert math.isfinite(diag["khat_mean"]) and diag["gap_images"] == 2
+    assert diag["gap_local_family"] == "encoder-outputs"
+    assert all(math.isfinite(diag[k]) for k in ("amortization_gap", "approximation_gap"))
+    assert (run_dir / diagnostics.POSTERIORS_NC["local"]).exists()
     assert diag["nuts_latent_sites"] == {"z": 4, "z2": 2} and "nuts_r_hat_max" in diag
     nuts = diagnostics._arviz().from_netcdf(str(run_dir / diagnostics.POSTERIORS_NC["nuts"]))
     assert nuts.posterior.sizes["z_dim"] == 6  # z and z2, joined

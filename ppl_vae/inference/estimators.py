@@ -149,12 +149,19 @@ class _PerDatapointELBO(ELBO):
                 "tracegraph (score-function gradients with baselines) or trace"
             ) from None
 
+    @staticmethod
+    def needs_path_form(drawn: weights.Weights) -> bool:
+        """Whether the detached densities of ``drawn`` miss part of the path derivative: with
+        several latent sites (a later site's distribution may depend on an earlier site's
+        draw, q(z2|z), which detaching each site's distribution would cut), or a site that
+        could not be detached (a flow guide)."""
+        return len(drawn.values) > 1 or bool(drawn.undetached)
+
     def path_log_weights(self, model, guide, args, drawn: weights.Weights,
                          gradient_scale: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The log weights of the draws ``drawn`` whose encoder gradient is the path
         derivative through every latent site (:func:`~ppl_vae.inference.weights.path_log_weights`),
-        for guides with several latent sites: a later site's distribution may depend on an
-        earlier site's draw (q(z2|z)), which detaching each site's distribution would cut."""
+        where :meth:`needs_path_form`."""
         (x,) = args
         return weights.path_log_weights(
             model, guide, x, drawn.values, self.num_particles, gradient_scale,
@@ -191,6 +198,8 @@ class STL_ELBO(_PerDatapointELBO):
     which is part of the path derivative (dropping it stays unbiased, but the gradient no
     longer vanishes at the exact posterior); the draws are then scored again with the score
     term cancelled instead (:meth:`path_log_weights`): two more guide runs and one model run.
+    So are the draws of a guide whose distribution cannot be rebuilt with detached parameters
+    (a normalizing flow, :func:`~ppl_vae.inference.weights.detachable`).
 
     :param int num_particles: draws of z per datapoint (vectorized).
     """
@@ -199,7 +208,7 @@ class STL_ELBO(_PerDatapointELBO):
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         drawn = self.log_weights(model, guide, args, kwargs, detach_guide=True)
-        if len(drawn.values) <= 1:
+        if not self.needs_path_form(drawn):
             return -drawn.log_w.mean(0).sum()
         surrogate = self.path_log_weights(model, guide, args, drawn).mean(0).sum()
         value = drawn.log_w.mean(0).sum().detach()
@@ -229,7 +238,8 @@ class ImportanceWeightedELBO(_PerDatapointELBO):
     would drop log q(z2|z)'s dependence on z. The draws are then scored again, the gradient of
     log w alone scaled and the score term cancelled (:meth:`path_log_weights`): two more guide
     runs and one model run. ``tests/test_hvae.py`` checks it against the plain IWAE gradient
-    and at the exact posterior of a two-layer linear-Gaussian model.
+    and at the exact posterior of a two-layer linear-Gaussian model. A flow guide takes the same
+    form (its parameters cannot be detached; ``tests/test_flows_priors.py``).
 
     :param int num_particles: K, draws of z per datapoint (vectorized).
     :param float alpha: the Rényi order; α = 1 (the ELBO) is excluded, use ``trace``.
@@ -258,7 +268,7 @@ class ImportanceWeightedELBO(_PerDatapointELBO):
         log_w = drawn.log_w
         normalized = torch.softmax(log_w.detach(), dim=0)  # w̃_kb, normalized over k
         value = self.bound(log_w).sum().detach()
-        if len(drawn.values) > 1:
+        if self.needs_path_form(drawn):
             path = self.path_log_weights(model, guide, args, drawn, normalized)
             surrogate = (normalized * path).sum()
             return -(value + surrogate - surrogate.detach())

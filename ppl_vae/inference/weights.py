@@ -55,8 +55,6 @@ from torch import distributions as tdist
 from torch.distributions import Bernoulli, Independent, Normal, constraints
 from torch.nn import functional as F
 
-from ppl_vae.errors import ConfigError
-
 MAX_PLATE_NESTING = 1
 """Plates of the library's models: one, ``"data"``. Particle plates go to its left."""
 PARTICLE_DIM = -(MAX_PLATE_NESTING + 1)
@@ -113,13 +111,20 @@ def _plain_bernoulli(base) -> bool:
     )
 
 
+def detachable(fn: tdist.Distribution) -> bool:
+    """Whether :func:`detach_parameters` can rebuild ``fn`` from detached parameters."""
+    return isinstance(_base(fn), tdist.Normal | tdist.MultivariateNormal | pyro.distributions.Delta)
+
+
 def detach_parameters(fn: tdist.Distribution) -> tdist.Distribution:
     """The same distribution with its parameters detached from the autograd graph.
 
     Evaluating the guide's log density with detached parameters at a reparameterized draw
     keeps the path derivative through z and drops the score term ∇_φ log q_φ(z), whose
     expectation is zero (Roeder et al. 2017). Supports Normal, MultivariateNormal and Delta,
-    possibly wrapped in Independent.
+    possibly wrapped in Independent (:func:`detachable`). Other guide distributions (a
+    normalizing flow, whose parameters live in its transforms' networks) are not rebuilt: the
+    estimators cancel their score term instead (:func:`path_log_weights`).
     """
     if isinstance(fn, tdist.Independent):
         return type(fn)(detach_parameters(fn.base_dist), fn.reinterpreted_batch_ndims)
@@ -129,20 +134,7 @@ def detach_parameters(fn: tdist.Distribution) -> tdist.Distribution:
         return type(fn)(fn.loc.detach(), scale_tril=fn.scale_tril.detach())
     if isinstance(fn, pyro.distributions.Delta):
         return type(fn)(fn.v.detach(), fn.log_density.detach(), event_dim=fn.event_dim)
-    if isinstance(fn, tdist.TransformedDistribution):
-        # log q at the draw with the flow's parameters detached is log q of a flow that did
-        # not make the draw: its inverse at z, a pass per dimension for IAF. Not done here.
-        raise ConfigError(
-            "--objective stl/dreg evaluate log q(z|x) at the draw with the guide's parameters "
-            "detached, which for a normalizing-flow guide (TransformedDistribution) means "
-            "inverting a copy of the flow at z; that is not implemented; use --objective iwae "
-            "or trace (or renyi)"
-        )
-    raise ConfigError(
-        f"--objective stl/dreg detach the guide's parameters, which is implemented for Normal, "
-        f"MultivariateNormal and Delta guides; got {type(fn).__name__}; use --objective iwae "
-        "or trace"
-    )
+    raise TypeError(f"detach_parameters: {type(fn).__name__} is not detachable")
 
 
 def reparameterized_normal_draw(fn) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -291,6 +283,7 @@ class _Densities(Messenger):
         self.require_rsample = require_rsample
         self.values: dict[str, torch.Tensor] = {}
         self.noise: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.undetached: list[str] = []  # latent sites whose parameters could not be detached
         self.drawing = False
         self.latent_only = False  # collect the latent sites' densities alone (no observations)
         self.terms: list[torch.Tensor] = []  # the running program's densities, in site order
@@ -349,12 +342,16 @@ class _Densities(Messenger):
         noise = self.noise.pop(name, None) if drawing else None
         if noise is not None and noise[0] is not msg["value"]:
             noise = None  # another handler changed the value after the draw
+        detach = self.detach and drawing and not msg["is_observed"]
+        if detach and not detachable(fn):
+            self.undetached.append(name)
+            detach = False
         self.terms.append(
             site_log_density(
                 msg,
                 per_datum=self.per_datum,
                 fused=self.fused,
-                detach=self.detach and drawing,
+                detach=detach,
                 noise=None if noise is None else noise[1],
             )
         )
@@ -387,10 +384,12 @@ def neg_elbo_of_run(
 @dataclass
 class Weights:
     """``log_w`` ``(K, B)``: log p(x_b, z_kb) − log q(z_kb|x_b); ``values``: the guide's draws
-    by site name (what DReG hooks into)."""
+    by site name (what DReG hooks into); ``undetached``: with ``detach_guide``, the latent
+    sites whose densities kept their parameters (not :func:`detachable`)."""
 
     log_w: torch.Tensor
     values: dict[str, torch.Tensor]
+    undetached: tuple[str, ...] = ()
 
 
 def log_weights(
@@ -425,8 +424,8 @@ def weighted_draws(
     validation on, through Pyro's traces and all their checks, otherwise through
     :class:`_Densities` (the same densities; fused ones to float rounding).
 
-    :param detach_guide: the guide's latent densities with detached parameters (STL, DReG);
-        their values are unchanged.
+    :param detach_guide: the guide's latent densities with detached parameters (STL, DReG)
+        where :func:`detachable`, the others named in ``undetached``; values unchanged.
     :param fused: allow the fused density forms (the fast paths).
     :param own_params: ids → tensors whose ``pyro.module`` registrations are answered directly.
     :param require_rsample: raise :class:`NeedsScoreFunction` for a guide site without rsample.
@@ -440,7 +439,8 @@ def weighted_draws(
                     require_rsample=require_rsample) as run:  # fmt: skip
         guide_terms = run.run(guide_p, x, draw=True)
         model_terms = run.run(model_p, x, draw=False)
-    return Weights(_combine(model_terms, guide_terms, x, num_particles, batch), run.values)
+    log_w = _combine(model_terms, guide_terms, x, num_particles, batch)
+    return Weights(log_w, run.values, tuple(run.undetached))
 
 
 def _combine(model_terms, guide_terms, x, num_particles: int, batch: int) -> torch.Tensor:
@@ -462,13 +462,16 @@ def _traced_log_weights(model_p, guide_p, x, num_particles, detach_guide, requir
     model_trace, guide_trace = get_importance_trace(
         "flat", MAX_PLATE_NESTING + 1, model_p, guide_p, (x,), {}
     )
-    guide_terms = []
+    guide_terms, undetached = [], []
     for site in guide_trace.nodes.values():
         if site["type"] != "sample":
             continue
         if require_rsample and (site["infer"].get("enumerate") or not site["fn"].has_rsample):
             raise NeedsScoreFunction(site["name"])
-        if detach_guide and not site["is_observed"]:
+        if detach_guide and not site["is_observed"] and not detachable(site["fn"]):
+            undetached.append(site["name"])
+            guide_terms.append(site["log_prob"])
+        elif detach_guide and not site["is_observed"]:
             guide_terms.append(site_log_density(site, per_datum=True, detach=True))
         else:
             guide_terms.append(site["log_prob"])
@@ -481,7 +484,7 @@ def _traced_log_weights(model_p, guide_p, x, num_particles, detach_guide, requir
         if site["type"] == "sample" and not site["is_observed"]
     }
     log_w = _combine(model_terms, guide_terms, x, num_particles, x.shape[0])
-    return Weights(log_w, values)
+    return Weights(log_w, values, tuple(undetached))
 
 
 def log_density(
@@ -518,7 +521,10 @@ def path_log_weights(
     follows *every* dependence on z, the parameters of later guide sites included (z in
     q(z2|z)). Detaching each site's distribution (:func:`detach_parameters`, enough for one
     latent site) would cut that dependence: it is right only for guides whose sites do not
-    depend on each other's draws.
+    depend on each other's draws. It also needs nothing of the guide's distributions beyond
+    ``log_prob``, so it serves a guide site that cannot be rebuilt with detached parameters (a
+    normalizing flow: scoring the replayed draw runs the flow's inverse, one pass per dimension
+    of z for IAF, twice).
 
     Three runs with the draws replayed, sg the stop-gradient::
 

@@ -11,9 +11,11 @@ pass per dimension of z for IAF.
 
 It is a kind of its own (``ppl-vae train flow``), not an option of ``vae``: what a model is
 able to do is read off its class (:mod:`.capabilities`), and this guide is not Gaussian, so the
-model has no ``posterior``; everything that needs one (the analytic KL, the local Gaussian q* of
-the gaps) is absent rather than wrong. The generative half (p(z), p(x|z), β and warm-up) is
-the VAE's (:class:`~ppl_vae.models.vae.VAEBase`), with ``--model.prior standard`` or ``mog``.
+model has no ``posterior``; everything that needs one (the analytic KL, the active units) is
+absent rather than wrong, and the gaps fit their local q* in this guide's own family
+(:class:`~ppl_vae.diagnostics.LocalEncoderOutputs`: the encoder's outputs free per image).
+The generative half (p(z), p(x|z), β and warm-up) is the VAE's
+(:class:`~ppl_vae.models.vae.VAEBase`), with ``--model.prior standard`` or ``mog``.
 """
 
 from __future__ import annotations
@@ -155,6 +157,11 @@ class FlowVAE(VAEBase):
     :param FlowVAEConfig config: networks, likelihood, prior, β, warm-up and the flow.
     """
 
+    constant_buffers = True
+    """Distributed training: the buffers are the MADEs' masks and variable orders, made at
+    construction from the seed every rank shares (:func:`conditional_flow`) and never written
+    afterwards (``tests/test_distributed.py``), so they are equal on every rank."""
+
     def __init__(self, config: FlowVAEConfig):
         super().__init__()
         self.config = config
@@ -195,4 +202,3 @@ class FlowVAE(VAEBase):
         for transform in self.transforms(h):
             z = transform(z)
         return z
-

@@ -16,7 +16,8 @@ several-site form (:class:`~ppl_vae.inference.estimators.ImportanceWeightedELBO`
 The model has neither capability of the one-layer VAE: p(z) = ∫ p(z|z2) p(z2) dz2 is no
 distribution to hand out (:class:`~ppl_vae.models.capabilities.ExplicitPrior`), and the joint
 q(z, z2|x) is not Gaussian (:class:`~ppl_vae.models.capabilities.GaussianGuide`), so the KL per
-dimension and the inference gaps (whose local q* is a diagonal Gaussian) are absent.
+dimension is absent; the inference gaps take their local q* with the encoder's outputs free
+per image and q(z2|z) as trained (:class:`~ppl_vae.diagnostics.LocalEncoderOutputs`).
 
 Burda et al.'s architecture is the default (and the ``burda-2l`` preset): stochastic layers of
 100 and 50 units, deterministic layers 200-200 between x and z and 100-100 between z and z2,
