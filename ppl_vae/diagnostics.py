@@ -41,7 +41,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer import MCMC, NUTS
-from pyro.poutine.subsample_messenger import _Subsample
 from tqdm.auto import tqdm
 
 from ppl_vae import data, files, plots, runs
@@ -424,12 +423,7 @@ def latent_sites(model, x: torch.Tensor) -> dict[str, int]:
     vector is their concatenation in this order."""
     with torch.no_grad():
         trace = pyro.poutine.trace(model.guide).get_trace(x)
-    return {
-        name: site["value"][0].numel()
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-        and not isinstance(site["fn"], _Subsample)
-    }  # fmt: skip
+    return {name: site["value"][0].numel() for name, site in weights.latent_nodes(trace).items()}
 
 
 def _joined(values: dict[str, torch.Tensor], sites, lead: int) -> torch.Tensor:
@@ -582,11 +576,11 @@ def _diagnose(stage, cfg, device, progress, dataset) -> dict[str, Any]:
 
     # amortization and approximation gaps (q* in the guide's family, fitted per image)
     x_gap = inputs[: cfg.gap_images]
-    local = None
-    if local_family(model) is not None:
+    local, family = None, local_family(model)
+    if family is not None:
         gaps, local = inference_gaps(model, x_gap, cfg, progress, run_cfg.fast)
         results.update(gaps)
-        results["gap_local_family"] = local_family(model)
+        results["gap_local_family"] = family
     else:
         results["gap_images"] = 0
         results["notes"] = [

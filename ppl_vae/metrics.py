@@ -23,7 +23,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 from tqdm.auto import tqdm
 
@@ -356,10 +355,7 @@ class ProgramFacts:
     def of(model, x: torch.Tensor) -> ProgramFacts:
         guide_trace = poutine.trace(model.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(model.model, trace=guide_trace)).get_trace(x)
-        latents = [
-            site for site in guide_trace.nodes.values()
-            if site["type"] == "sample" and not site["is_observed"]
-        ]  # fmt: skip
+        latents = list(weights.latent_nodes(guide_trace).values())
         point_mass = any(_is_point_mass(site["fn"]) for site in latents)
         prior = model_trace.nodes["z"]["fn"]
         likelihood = model_trace.nodes["x"]["fn"]
@@ -379,7 +375,7 @@ class ProgramFacts:
             analytic_kl=all(
                 has_analytic_kl(site["fn"], model_trace.nodes[site["name"]]["fn"])
                 for site in latents
-                if site["name"] in model_trace and not isinstance(site["fn"], _Subsample)
+                if site["name"] in model_trace
             ),
             mean_code=_encodes_the_mean(model, x, guide_trace.nodes["z"]["fn"]),
             standard_prior=_standard_or_flat(prior),

@@ -26,6 +26,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from pyro.nn import PyroModule
 from stats import assert_mc_close, assert_mc_less_equal
+from test_fast_paths import assert_same, loss_and_grads
 from torch.nn import functional as F
 
 from ppl_vae import data, diagnostics, metrics, runs
@@ -469,19 +470,6 @@ def test_bf16_reaches_the_vamp_encoder_and_is_refused_for_flows(seed):
 
 
 # ----------------------------------------------------------------------------- fast paths
-
-
-def loss_and_grads(loss_fn, params, x, seed: int, validate: bool = False):
-    pyro.set_rng_seed(seed)
-    with pyro.validation_enabled(validate):
-        loss = loss_fn(x)
-    return loss.detach(), torch.autograd.grad(loss, params)
-
-
-def assert_same(a, b) -> None:
-    torch.testing.assert_close(a[0], b[0], rtol=1e-10, atol=1e-10)
-    for g, h in zip(a[1], b[1], strict=True):
-        torch.testing.assert_close(g, h, rtol=1e-10, atol=1e-10)
 
 
 def lean_equals_plain(model, x, seed):

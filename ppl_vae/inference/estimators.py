@@ -49,7 +49,6 @@ from collections.abc import Callable, Iterable
 import torch
 from pyro.infer import ELBO, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
 from pyro.infer.util import is_validation_enabled
-from pyro.poutine.subsample_messenger import _Subsample
 
 from ppl_vae.errors import ConfigError
 from ppl_vae.inference import weights
@@ -341,11 +340,7 @@ def _shown(fn) -> str:
 
 def _latent_order(trace, other) -> list[str]:
     """The latent sample sites of ``trace`` that ``other`` has too, in ``trace``'s order."""
-    return [
-        name for name, site in trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"] and name in other.nodes
-        and not isinstance(site["fn"], _Subsample)
-    ]  # fmt: skip
+    return [name for name in weights.latent_nodes(trace) if name in other.nodes]
 
 
 def same_latent_order(model_trace, guide_trace) -> bool:

@@ -77,6 +77,16 @@ def particle_plate(fn: Callable, num_particles: int) -> Callable:
     return wrapped
 
 
+def latent_nodes(trace) -> dict[str, Message]:
+    """The latent sample sites of a Pyro trace by name, in its order: sample sites that are
+    neither observed nor a plate's index draw."""
+    return {
+        name: site for name, site in trace.nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+        and not isinstance(site["fn"], _Subsample)
+    }  # fmt: skip
+
+
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """log (1/K) Σ_k exp(log_w_k) along ``dim``, computed stably."""
     return torch.logsumexp(log_w, dim=dim) - math.log(log_w.shape[dim])
@@ -468,21 +478,17 @@ def _traced_log_weights(model_p, guide_p, x, num_particles, detach_guide, requir
             continue
         if require_rsample and (site["infer"].get("enumerate") or not site["fn"].has_rsample):
             raise NeedsScoreFunction(site["name"])
-        if detach_guide and not site["is_observed"] and not detachable(site["fn"]):
+        detach = detach_guide and not site["is_observed"]
+        if detach and not detachable(site["fn"]):
             undetached.append(site["name"])
-            guide_terms.append(site["log_prob"])
-        elif detach_guide and not site["is_observed"]:
-            guide_terms.append(site_log_density(site, per_datum=True, detach=True))
-        else:
-            guide_terms.append(site["log_prob"])
+            detach = False
+        guide_terms.append(
+            site_log_density(site, per_datum=True, detach=True) if detach else site["log_prob"]
+        )
     model_terms = [
         site["log_prob"] for site in model_trace.nodes.values() if site["type"] == "sample"
     ]
-    values = {
-        name: site["value"]
-        for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-    }
+    values = {name: site["value"] for name, site in latent_nodes(guide_trace).items()}
     log_w = _combine(model_terms, guide_terms, x, num_particles, x.shape[0])
     return Weights(log_w, values, tuple(undetached))
 
